@@ -1,0 +1,69 @@
+"""The frozen, validated configuration of a VCAS controller."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class VCASConfig:
+    """Settings of variance-controlled adaptive sampling (defaults are the paper's).
+
+    Args:
+        tau_act: allowed activation-sampling variance as a fraction of the SGD variance.
+        tau_w: allowed weight-sampling variance as a fraction of the SGD variance (per layer).
+        update_every: F, the number of optimizer steps between two controller updates.
+        mc_samples: M, the number of calibration batches (and of sampled draws per batch).
+        s_step: alpha, the step by which the kept gradient-norm share ``s`` moves per update.
+        nu_mult: beta, the factor applied to (or divided out of) each weight keep ratio per update.
+        param_fraction: share of each sampled layer's weight entries used to estimate variances.
+        ratio_ema: decay of an exponential moving average applied to the activation keep ratios
+            (0 = apply the candidate schedule directly; the paper mentions 0.6 as an option).
+        seed: seed of the controller's own sampling generator. ``None`` derives it from
+            ``torch.initial_seed()`` so that the user's seed fixes it and no RNG draw is consumed.
+    """
+
+    tau_act: float = 0.025
+    tau_w: float = 0.025
+    update_every: int = 100
+    mc_samples: int = 2
+    s_step: float = 0.01
+    nu_mult: float = 0.95
+    param_fraction: float = 0.01
+    ratio_ema: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.tau_act > 0, "tau_act", self.tau_act, "> 0")
+        _check(self.tau_w > 0, "tau_w", self.tau_w, "> 0")
+        _check_int(self.update_every, "update_every", 1)
+        _check_int(self.mc_samples, "mc_samples", 2)
+        _check(0 < self.s_step < 1, "s_step", self.s_step, "in (0, 1)")
+        _check(0 < self.nu_mult < 1, "nu_mult", self.nu_mult, "in (0, 1)")
+        _check(0 < self.param_fraction <= 1, "param_fraction", self.param_fraction, "in (0, 1]")
+        _check(0 <= self.ratio_ema < 1, "ratio_ema", self.ratio_ema, "in [0, 1)")
+        if self.seed is not None:
+            _check_int(self.seed, "seed", 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "VCASConfig":
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown VCASConfig fields: {sorted(unknown)}")
+        return cls(**values)
+
+
+def _check(ok: bool, name: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"VCASConfig.{name}={value!r} is invalid: it must be {valid}")
+
+
+def _check_int(value: Any, name: str, minimum: int) -> None:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    _check(is_int and value >= minimum, name, value, f"an integer >= {minimum}")

@@ -1,0 +1,349 @@
+"""The VCAS controller: owns the sampling state of one model and adapts its keep ratios."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import calibration
+from .config import VCASConfig
+from .discovery import BlockSpec, find_blocks, find_linears
+from .errors import AttachError, ConfigError, StateDictError
+from .rewrite import Installation
+from .sampling import monotone_schedule, norm_share_fraction
+from .state import SamplingState
+
+logger = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+
+
+class Controller:
+    """Attaches VCAS to ``model`` and adapts the keep ratios during training.
+
+    Build it with :func:`vcas.attach`. Call :meth:`maybe_calibrate` once per optimizer step; the
+    user's training step itself is unchanged (``loss.backward(); optimizer.step()``).
+    """
+
+    def __init__(self, model: nn.Module, config: VCASConfig | None = None, *,
+                 blocks: BlockSpec = None) -> None:
+        self.config = config if config is not None else VCASConfig()
+        if not isinstance(self.config, VCASConfig):
+            raise ConfigError(f"config must be a VCASConfig, got {type(self.config).__name__}")
+        self.model = model
+        block_list = find_blocks(model, blocks)
+        linears = find_linears(block_list)
+        seed = self.config.seed if self.config.seed is not None else torch.initial_seed() % (2**62)
+        self._state = SamplingState(len(block_list), len(linears), seed, rank=_rank())
+        self._installation = Installation(model, block_list, linears, self._state)
+        self.block_names = [name for name, _ in block_list]
+        self.linear_names = [name for name, _, _ in linears]
+        self._params = self._measured_parameters(block_list)
+        self._subsets = self._parameter_subsets(seed)
+        self._s = 1.0
+        self._adaptive = True
+        self._steps = 0
+        self._updates = 0
+        self._skipped_updates = 0
+        self._last_skip_reason: str | None = None
+        self._last: calibration.Measurement | None = None
+        self.history: list[dict[str, Any]] = []
+        self._batch_source: tuple[Any, Iterator[Any]] | None = None
+        self._detached = False
+        logger.info("vcas attached: %d blocks, %d sampled linear layers, %s",
+                    len(self.block_names), len(self.linear_names), self.config)
+
+    # ----------------------------------------------------------------- set-up helpers
+    def _measured_parameters(self, blocks: list[tuple[str, nn.Module]]) -> list[nn.Parameter]:
+        """The weights whose gradient variance is measured: the sampled linears' weights, or, in
+        a model without sampled linears, the trainable parameters of the blocks."""
+        params = [site.module.weight for site in self._installation.linear_sites
+                  if site.module.weight.requires_grad]
+        if not params:
+            seen: set[int] = set()
+            params = [p for _, block in blocks for p in block.parameters()
+                      if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+        if not params:
+            self._installation.remove()
+            raise AttachError("the blocks have no trainable parameters: nothing to sample")
+        return params
+
+    def _parameter_subsets(self, seed: int) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        subsets = []
+        for param in self._params:
+            size = max(1, math.ceil(self.config.param_fraction * param.numel()))
+            subsets.append(torch.randperm(param.numel(), generator=generator)[:size].sort().values)
+        return subsets
+
+    # ----------------------------------------------------------------- training-loop API
+    def maybe_calibrate(self, loss_fn: calibration.LossFn, batches: Iterable[Any]) -> bool:
+        """Count one optimizer step and calibrate every ``update_every`` steps.
+
+        Args:
+            loss_fn: ``loss_fn(batch) -> scalar loss``, computed like the training loss.
+            batches: where calibration batches come from: an iterator (``next`` is called
+                ``mc_samples`` times) or an iterable such as a DataLoader, iterated again when
+                exhausted. Use a source other than the training iterator, so training batches
+                are not consumed.
+        Returns:
+            True if a calibration (and controller update) ran.
+        """
+        self._check_attached()
+        self._steps += 1
+        if not self._adaptive or self._steps % self.config.update_every != 0:
+            return False
+        self.calibrate(loss_fn, [self._next_batch(batches) for _ in range(self.config.mc_samples)])
+        return True
+
+    def calibrate(self, loss_fn: calibration.LossFn, batches: Sequence[Any]) -> None:
+        """Measure the variances on ``batches`` (at least 2) and update s, rho and nu now.
+
+        Leaves training untouched: ``.grad``, optimizer, buffers and RNG streams are unchanged.
+        Turns adaptation back on after :meth:`set_ratios`.
+        """
+        self._check_attached()
+        batches = list(batches)
+        if len(batches) < 2:
+            raise ConfigError(
+                f"calibrate needs at least 2 batches to estimate the SGD variance, got {len(batches)}")
+        state = self._state
+        with calibration.preserved_training_state(self.model), \
+                calibration.sampling_mode(state, enabled=True):
+            if state.tally.other_forward_per_linear is None:
+                ratios = calibration.measure_model_flops(loss_fn, batches[0], state, self._params)
+                state.tally.other_forward_per_linear, state.tally.other_backward_per_linear = ratios
+            measurement = calibration.measure(
+                loss_fn, batches, state, self._installation.block_samplers,
+                self._installation.linear_sites, self._params, self._subsets)
+        self._adaptive = True
+        self._apply(measurement)
+
+    def _apply(self, measurement: calibration.Measurement) -> None:
+        self._last = measurement
+        values = [measurement.var_sgd, measurement.var_act, measurement.var_weight]
+        if not all(math.isfinite(v) for v in values):
+            self._skipped_updates += 1
+            self._last_skip_reason = (
+                f"non-finite variance statistics at step {self._steps} (var_sgd={values[0]}, "
+                f"var_act={values[1]}, var_weight={values[2]}); ratios left unchanged")
+            logger.warning("vcas: %s", self._last_skip_reason)
+        else:
+            self._s = next_share(self._s, measurement.var_act, measurement.var_sgd, self.config)
+            schedule = candidate_schedule(measurement.block_norms, self._s)
+            decay = self.config.ratio_ema
+            self._state.act_ratios = [decay * old + (1 - decay) * new
+                                      for old, new in zip(self._state.act_ratios, schedule)]
+            self._state.weight_ratios = next_weight_ratios(
+                self._state.weight_ratios, measurement.var_weight_layers,
+                self._linear_sgd_variances(measurement), self.config)
+            self._updates += 1
+        self.history.append({"step": self._steps, **self._ratio_stats(), **self._variance_stats()})
+
+    def _linear_sgd_variances(self, measurement: calibration.Measurement) -> list[float]:
+        """V_sgd of each sampled linear (0 for a frozen one, whose weight is not measured)."""
+        by_param = {id(p): v for p, v in zip(self._params, measurement.var_sgd_layers)}
+        return [by_param.get(id(site.module.weight), 0.0) for site in self._installation.linear_sites]
+
+    def set_ratios(self, act: float | Sequence[float] | None = None,
+                   weight: float | Sequence[float] | None = None) -> None:
+        """Fix the keep ratios and turn adaptation off (until :meth:`calibrate` is called).
+
+        Args:
+            act: one ratio for every block or one per block (input side first, non-decreasing
+                towards the output); ``None`` keeps the current ones.
+            weight: one ratio for every sampled linear or one per linear; ``None`` keeps them.
+        Raises:
+            ConfigError: a ratio outside (0, 1], a list of the wrong length, or a decreasing
+                activation schedule.
+        """
+        self._check_attached()
+        new_act = _ratios("act", act, self._state.act_ratios)
+        new_weight = _ratios("weight", weight, self._state.weight_ratios)
+        if any(lower > upper for lower, upper in zip(new_act, new_act[1:])):
+            raise ConfigError(
+                f"act ratios {new_act} decrease towards the output; a sample dropped near the "
+                "output stays dropped below, so ratios must not decrease from input to output")
+        self._state.act_ratios, self._state.weight_ratios = new_act, new_weight
+        self._adaptive = False
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Exact backward inside the block (e.g. for a comparison step); restores on exit."""
+        with calibration.sampling_mode(self._state, enabled=False):
+            yield
+
+    def detach(self) -> None:
+        """Remove every hook and forward vcas installed; the model behaves exactly as before."""
+        if self._detached:
+            return
+        self._installation.remove()
+        self._state.enabled = False
+        self._detached = True
+
+    # ----------------------------------------------------------------- reporting
+    def stats(self) -> dict[str, Any]:
+        """Current ratios, last variance estimates, step counts and FLOPs reductions."""
+        tally = self._state.tally
+        return {
+            **self._ratio_stats(),
+            **self._variance_stats(),
+            "steps": self._steps,
+            "updates": self._updates,
+            "skipped_updates": self._skipped_updates,
+            "last_skip_reason": self._last_skip_reason,
+            "adaptive": self._adaptive,
+            "nonfinite_gradients": self._state.nonfinite_gradients,
+            "bp_flops_reduction": tally.bp_flops_reduction(),
+            "train_flops_reduction": tally.train_flops_reduction(),
+            "flops_scope": tally.scope,
+        }
+
+    def _ratio_stats(self) -> dict[str, Any]:
+        return {"s": self._s, "act_ratios": list(self._state.act_ratios),
+                "weight_ratios": list(self._state.weight_ratios)}
+
+    def _variance_stats(self) -> dict[str, Any]:
+        last = self._last
+        if last is None:
+            return {"var_sgd": None, "var_act": None, "var_weight": None}
+        return {"var_sgd": last.var_sgd, "var_act": last.var_act, "var_weight": last.var_weight,
+                "var_weight_layers": list(last.var_weight_layers)}
+
+    @property
+    def flops(self):
+        """The :class:`~vcas.accounting.FlopTally` of this controller (read it, do not edit)."""
+        return self._state.tally
+
+    # ----------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: ratios, s, counters, FLOPs, generator states."""
+        return {
+            "version": _STATE_VERSION,
+            "config": self.config.to_dict(),
+            "block_names": list(self.block_names),
+            "linear_names": list(self.linear_names),
+            "s": self._s,
+            "act_ratios": list(self._state.act_ratios),
+            "weight_ratios": list(self._state.weight_ratios),
+            "adaptive": self._adaptive,
+            "steps": self._steps,
+            "updates": self._updates,
+            "skipped_updates": self._skipped_updates,
+            "tally": self._state.tally.state_dict(),
+            "generators": self._state.generator_states(),
+            "history": [dict(entry) for entry in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; the model's blocks and linears must match."""
+        if state.get("version") != _STATE_VERSION:
+            raise StateDictError(f"unsupported vcas state version {state.get('version')!r}")
+        for key in ("block_names", "linear_names"):
+            if list(state[key]) != getattr(self, key):
+                raise StateDictError(
+                    f"state_dict {key} do not match this model: saved {len(state[key])}, "
+                    f"model has {len(getattr(self, key))}; attach with the same blocks")
+        self._s = float(state["s"])
+        self._state.act_ratios = [float(r) for r in state["act_ratios"]]
+        self._state.weight_ratios = [float(r) for r in state["weight_ratios"]]
+        self._adaptive = bool(state["adaptive"])
+        self._steps = int(state["steps"])
+        self._updates = int(state["updates"])
+        self._skipped_updates = int(state["skipped_updates"])
+        self._state.tally.load_state_dict(state["tally"])
+        self._state.load_generator_states(state["generators"])
+        self.history = [dict(entry) for entry in state["history"]]
+
+    # ----------------------------------------------------------------- internals
+    def _check_attached(self) -> None:
+        if self._detached:
+            raise AttachError("this controller was detached; attach the model again")
+
+    def _next_batch(self, batches: Iterable[Any]) -> Any:
+        if isinstance(batches, Iterator):
+            try:
+                return next(batches)
+            except StopIteration:
+                raise ValueError("the calibration batch iterator is exhausted; pass an iterable "
+                                 "(e.g. a DataLoader) or an endless iterator") from None
+        if self._batch_source is None or self._batch_source[0] is not batches:
+            self._batch_source = (batches, iter(batches))
+        try:
+            return next(self._batch_source[1])
+        except StopIteration:
+            self._batch_source = (batches, iter(batches))
+            try:
+                return next(self._batch_source[1])
+            except StopIteration:
+                raise ValueError("the calibration batch source is empty") from None
+
+
+# --------------------------------------------------------------------- the paper's update rules
+def next_share(s: float, var_act: float, var_sgd: float, config: VCASConfig) -> float:
+    """s + alpha if the activation variance exceeds tau_act * V_sgd, else s - alpha; clipped to [0, 1]."""
+    step = config.s_step if var_act > config.tau_act * var_sgd else -config.s_step
+    return min(1.0, max(0.0, s + step))
+
+
+def next_weight_ratios(ratios: Sequence[float], var_weight: Sequence[float],
+                       var_sgd: Sequence[float], config: VCASConfig) -> list[float]:
+    """nu / beta where V_w,l > tau_w * V_sgd,l, else nu * beta; clipped to (0, 1]."""
+    beta = config.nu_mult
+    return [min(1.0, nu / beta) if vw > config.tau_w * vs else nu * beta
+            for nu, vw, vs in zip(ratios, var_weight, var_sgd)]
+
+
+def candidate_schedule(block_norms: list[list[torch.Tensor | None]], s: float) -> list[float]:
+    """rho_l(s) = max over blocks j <= l of p_j(s), p_j averaged over the calibration batches.
+
+    A block whose gradient was never seen keeps everything (p = 1), the conservative choice.
+    """
+    n_blocks = len(block_norms[0]) if block_norms else 0
+    fractions = []
+    for block in range(n_blocks):
+        seen = [batch[block] for batch in block_norms if batch[block] is not None]
+        fractions.append(sum(norm_share_fraction(n, s) for n in seen) / len(seen) if seen else 1.0)
+    return monotone_schedule(fractions)
+
+
+def _ratios(name: str, value: float | Sequence[float] | None, current: list[float]) -> list[float]:
+    if value is None:
+        return list(current)
+    values = [value] * len(current) if isinstance(value, (int, float)) else list(value)
+    if len(values) != len(current):
+        raise ConfigError(f"{name} ratios: expected one value or {len(current)} values "
+                          f"(one per {'block' if name == 'act' else 'sampled linear'}), got {len(values)}")
+    for ratio in values:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ConfigError(f"{name} ratio {ratio!r} is invalid: keep ratios must be in (0, 1]")
+    return [float(r) for r in values]
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def attach(model: nn.Module, config: VCASConfig | None = None, *,
+           blocks: BlockSpec = None) -> Controller:
+    """Attach VCAS sampled backpropagation to ``model`` and return its :class:`Controller`.
+
+    The model keeps its parameters (an existing optimizer keeps working), module classes and
+    ``state_dict`` keys; ``controller.detach()`` restores the original behaviour exactly.
+
+    Args:
+        model: any ``nn.Module`` whose repeated blocks return a batch-first hidden state.
+        config: a :class:`VCASConfig` (paper defaults if ``None``).
+        blocks: ``None`` to detect the repeated blocks, a module class or tuple of classes, or
+            a list of qualified module names.
+    Raises:
+        BlockDetectionError: no blocks found or a block name that does not exist.
+        AttachError: the model already has vcas attached.
+    """
+    return Controller(model, config, blocks=blocks)

@@ -1,0 +1,195 @@
+"""The sampled backward: activation sampling at block outputs and the sampled linear backward.
+
+Both read a :class:`~vcas.state.SamplingState` at backward time, so one forward graph can be
+backpropagated exactly, then with sampling (the calibration does this with ``retain_graph``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .accounting import FlopBucket
+from .sampling import bernoulli_weights, capped_proportional_probs, sampling_variance
+from .state import SamplingState
+
+
+def find_hidden_state(output: Any) -> torch.Tensor | None:
+    """The hidden-state tensor in a block's output: the tensor itself, the first tensor of a
+    tuple or list, or ``last_hidden_state`` / ``hidden_states`` (else the first tensor value) of
+    a dict or ``ModelOutput``. Returns ``None`` when the output holds no floating-point tensor."""
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, Mapping):
+        for key in ("last_hidden_state", "hidden_states"):
+            value = output.get(key)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value
+        candidates = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        candidates = list(output)
+    else:
+        return None
+    for value in candidates:
+        found = find_hidden_state(value)
+        if found is not None:
+            return found
+    return None
+
+
+def per_sample_norms(grad: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of each sample's slice (dimension 0), accumulated in float32."""
+    return torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1, dtype=torch.float32)
+
+
+class BlockSampler:
+    """SampleA at one block's output: a forward hook that hooks the hidden state's gradient."""
+
+    def __init__(self, index: int, name: str, state: SamplingState) -> None:
+        self.index = index
+        self.name = name
+        self.state = state
+        self.recorded_norms: list[torch.Tensor] = []
+
+    def forward_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not (self.state.enabled and torch.is_grad_enabled()):
+            return
+        hidden = find_hidden_state(output)
+        if hidden is None or not hidden.requires_grad:
+            return
+        if hidden.dim() < 1:
+            raise RuntimeError(
+                f"vcas: block {self.name!r} returned a scalar hidden state; activation sampling "
+                "needs a batch-first tensor. Name other blocks with attach(..., blocks=[...]).")
+        hidden.register_hook(self.sample_gradient)
+
+    def sample_gradient(self, grad: torch.Tensor) -> torch.Tensor | None:
+        state = self.state
+        if not state.enabled:
+            return None
+        norms = per_sample_norms(grad)
+        if not bool(torch.isfinite(norms).all()):
+            # Non-finite gradients pass through exactly: sampling them would only hide the problem.
+            state.nonfinite_gradients += 1
+            return None
+        if state.record_norms:
+            self.recorded_norms.append(norms.detach().cpu())
+        ratio = state.act_ratios[self.index]
+        if not state.sample_acts or ratio >= state.ratio_above(self.index):
+            return None
+        probs = capped_proportional_probs(norms, ratio * grad.shape[0])
+        weights = bernoulli_weights(probs, state.generator(grad.device))
+        return grad * weights.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
+
+
+class LinearSite:
+    """A linear layer whose backward is sampled; installed as the module's ``forward``.
+
+    ``transposed`` marks layers that store the weight as (in, out), like transformers' Conv1D.
+    """
+
+    def __init__(self, index: int, name: str, module: torch.nn.Module, state: SamplingState,
+                 transposed: bool = False) -> None:
+        self.index = index
+        self.name = name
+        self.module = module
+        self.state = state
+        self.transposed = transposed
+        self.original_forward: Callable[..., torch.Tensor] = type(module).forward.__get__(module)
+        self.recorded_variance: list[float] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.state.enabled and torch.is_grad_enabled()):
+            return self.original_forward(x)
+        weight = self.module.weight
+        if self.transposed:
+            weight = weight.t()
+        return sampled_linear(x, weight, self.module.bias, self)
+
+
+def sampled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   site: LinearSite) -> torch.Tensor:
+    """``F.linear`` whose backward skips zero rows and samples the weight-gradient rows."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(device_type, enabled=False):
+        return _SampledLinearFunction.apply(x, weight, bias, site)
+
+
+class _SampledLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                site: LinearSite) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.site = site
+        ctx.has_bias = bias is not None
+        rows = x.numel() // x.shape[-1] if x.dim() else 1
+        site.state.tally.bucket(site.state.phase).forward += 2.0 * rows * weight.numel()
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        site: LinearSite = ctx.site
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gy = grad_out.reshape(-1, grad_out.shape[-1])
+        xs = x.reshape(-1, x.shape[-1])
+        flops = FlopBucket()
+        per_row = 2.0 * weight.numel()
+        flops.backward_exact = per_row * gy.shape[0] * (int(need_x) + int(need_w))
+
+        row_norms = torch.linalg.vector_norm(gy, dim=1, dtype=torch.float32)
+        if not bool(torch.isfinite(row_norms).all()):
+            site.state.nonfinite_gradients += 1
+            rows = None  # non-finite: fall back to the exact backward
+        else:
+            nonzero = row_norms > 0
+            rows = None if bool(nonzero.all()) else torch.nonzero(nonzero).squeeze(1)
+        n_rows = gy.shape[0] if rows is None else rows.numel()
+
+        grad_x = None
+        if need_x:
+            grad_x = _input_grad(gy, weight, rows).reshape(x.shape)
+            flops.backward_done += per_row * n_rows
+        grad_w = None
+        if need_w:
+            grad_w, n_kept = _weight_grad(gy, xs, row_norms, rows, site)
+            flops.backward_done += per_row * n_kept
+        grad_b = gy.sum(0) if (need_b and ctx.has_bias) else None
+        site.state.tally.bucket(site.state.phase).add(flops)
+        return grad_x, grad_w, grad_b, None
+
+
+def _input_grad(gy: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    if rows is None:
+        return gy @ weight
+    grad = gy.new_zeros(gy.shape[0], weight.shape[1])
+    return grad.index_copy_(0, rows, gy.index_select(0, rows) @ weight)
+
+
+def _weight_grad(gy: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor,
+                 rows: torch.Tensor | None, site: LinearSite) -> tuple[torch.Tensor, int]:
+    """dW from the non-zero rows, leverage-score sampled when the layer's ratio is below 1."""
+    if rows is not None:
+        gy, xs, row_norms = gy.index_select(0, rows), xs.index_select(0, rows), row_norms[rows]
+    state = site.state
+    ratio = state.weight_ratios[site.index]
+    sample = state.sample_weights and ratio < 1.0 and gy.shape[0] > 0
+    if not (sample or state.record_weight_variance) or gy.shape[0] == 0:
+        return gy.t() @ xs, gy.shape[0]
+    scores = row_norms * torch.linalg.vector_norm(xs, dim=1, dtype=torch.float32)
+    probs = capped_proportional_probs(scores, ratio * gy.shape[0])
+    if state.record_weight_variance:
+        site.recorded_variance.append(float(sampling_variance(probs, scores)))
+    if not sample:
+        return gy.t() @ xs, gy.shape[0]
+    weights = bernoulli_weights(probs, state.generator(gy.device))
+    kept = torch.nonzero(weights).squeeze(1)
+    scaled = gy.index_select(0, kept) * weights[kept].to(gy.dtype).unsqueeze(1)
+    return scaled.t() @ xs.index_select(0, kept), kept.numel()

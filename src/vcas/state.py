@@ -1,0 +1,63 @@
+"""The sampling state one controller shares with the hooks and ops it installed in one model."""
+
+from __future__ import annotations
+
+import torch
+
+from .accounting import TRAIN, FlopTally
+
+
+class SamplingState:
+    """What the installed hooks read at backward time. One per controller; never global.
+
+    Attributes:
+        enabled: False while paused or detached: every hook and op is then a no-op.
+        sample_acts: apply activation sampling (SampleA) at block outputs.
+        sample_weights: apply weight-gradient sampling (SampleW) in linear layers.
+        record_norms: blocks record their per-sample gradient norms (calibration exact pass).
+        record_weight_variance: linear layers record the analytic SampleW variance under their
+            current ratio without sampling (calibration SampleA-only passes).
+        phase: the accounting bucket FLOPs go to (``"train"`` or ``"calibration"``).
+        act_ratios: keep ratio per block, input side first.
+        weight_ratios: keep ratio per sampled linear layer.
+    """
+
+    def __init__(self, n_blocks: int, n_linears: int, seed: int, rank: int = 0) -> None:
+        self.enabled = True
+        self.sample_acts = True
+        self.sample_weights = True
+        self.record_norms = False
+        self.record_weight_variance = False
+        self.phase = TRAIN
+        self.act_ratios = [1.0] * n_blocks
+        self.weight_ratios = [1.0] * n_linears
+        self.tally = FlopTally()
+        self.nonfinite_gradients = 0
+        self.seed = seed
+        self.rank = rank
+        self._generators: dict[str, torch.Generator] = {}
+
+    def ratio_above(self, block_index: int) -> float:
+        """Keep ratio already applied above a block: a block samples only if its own is lower."""
+        above = block_index + 1
+        return self.act_ratios[above] if above < len(self.act_ratios) else 1.0
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The controller's own generator for ``device``: sampling never touches the user's RNG."""
+        key = str(device)
+        if key not in self._generators:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed + 1_000_003 * self.rank + _device_offset(device))
+            self._generators[key] = generator
+        return self._generators[key]
+
+    def generator_states(self) -> dict[str, torch.Tensor]:
+        return {key: g.get_state() for key, g in self._generators.items()}
+
+    def load_generator_states(self, states: dict[str, torch.Tensor]) -> None:
+        for key, value in states.items():
+            self.generator(torch.device(key)).set_state(value)
+
+
+def _device_offset(device: torch.device) -> int:
+    return 0 if device.index is None else 7919 * (device.index + 1)

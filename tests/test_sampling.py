@@ -1,0 +1,65 @@
+import math
+
+import pytest
+import torch
+
+from vcas.sampling import (bernoulli_weights, capped_proportional_probs, monotone_schedule,
+                           norm_share_fraction, sampling_variance)
+
+
+def test_capped_proportional_meets_budget_and_optimality_conditions():
+    scores = torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0, 0.5])
+    for budget in [0.5, 1.0, 2.0, 3.0, 4.0]:
+        p = capped_proportional_probs(scores, budget)
+        assert float(p.sum()) == pytest.approx(budget, rel=1e-6)
+        assert p[0] == 0 and bool((p <= 1).all())
+        free = (p > 0) & (p < 1)
+        ratio = p[free] / scores[free]
+        # KKT: uncapped probabilities are proportional to the scores, capped ones score higher.
+        assert torch.allclose(ratio, ratio[0].expand_as(ratio))
+        if bool((p == 1).any()):
+            assert float(scores[p == 1].min()) * float(ratio[0]) >= 1 - 1e-6
+
+
+def test_capped_proportional_beats_random_feasible_alternatives():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(20, generator=g) ** 3
+    budget = 6.0
+    p = capped_proportional_probs(scores, budget)
+    best = float(sampling_variance(p, scores))
+    for _ in range(200):
+        q = (p + 0.05 * torch.randn(20, generator=g)).clamp(1e-3, 1)
+        q = q * budget / q.sum()
+        if bool((q <= 1).all()):
+            assert float(sampling_variance(q, scores)) >= best - 1e-9
+
+
+def test_budget_above_positive_count_keeps_all_positive():
+    p = capped_proportional_probs(torch.tensor([0.0, 2.0, 1.0]), 2.5)
+    assert p.tolist() == [0.0, 1.0, 1.0]
+    assert capped_proportional_probs(torch.zeros(4), 2.0).tolist() == [0.0] * 4
+
+
+def test_bernoulli_weights_are_unbiased_and_match_the_analytic_variance():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.tensor([0.2, 1.0, 3.0, 0.0, 5.0])
+    probs = capped_proportional_probs(scores, 2.0)
+    draws = torch.stack([bernoulli_weights(probs, g) for _ in range(20000)])
+    estimate = (draws * scores).sum(dim=1)  # unbiased estimate of scores.sum()
+    n = draws.shape[0]
+    z = (estimate.mean() - scores.sum()) / (estimate.std() / math.sqrt(n))
+    assert abs(float(z)) < 4.5
+    analytic = float(sampling_variance(probs, scores))
+    empirical = float(estimate.var())
+    # The sample variance of n draws has relative standard error about sqrt(kurtosis / n).
+    assert empirical == pytest.approx(analytic, rel=0.1)
+    assert bool((draws[:, 3] == 0).all())
+
+
+def test_norm_share_fraction_and_monotone_schedule():
+    assert norm_share_fraction(torch.tensor([1.0, 1.0, 1.0, 1.0]), 0.5) == 0.5
+    assert norm_share_fraction(torch.tensor([10.0, 1.0, 1.0, 1.0]), 0.7) == 0.25
+    assert norm_share_fraction(torch.tensor([10.0, 1.0, 1.0, 1.0]), 1.0) == 1.0
+    assert norm_share_fraction(torch.tensor([1.0, 2.0]), 0.0) == 0.5  # at least one kept
+    assert norm_share_fraction(torch.zeros(4), 0.9) == 0.25
+    assert monotone_schedule([0.5, 0.25, 0.75, 0.5]) == [0.5, 0.5, 0.75, 0.75]
