@@ -39,6 +39,7 @@ class Controller:
         block_list = find_blocks(model, blocks)
         linears = find_linears(block_list)
         seed = self.config.seed if self.config.seed is not None else torch.initial_seed() % (2**62)
+        self._seed = seed
         self._state = SamplingState(len(block_list), len(linears), seed, rank=_rank())
         self._installation = Installation(model, block_list, linears, self._state)
         self.block_names = [name for name, _ in block_list]
@@ -228,6 +229,7 @@ class Controller:
             "config": self.config.to_dict(),
             "block_names": list(self.block_names),
             "linear_names": list(self.linear_names),
+            "seed": self._seed,
             "s": self._s,
             "act_ratios": list(self._state.act_ratios),
             "weight_ratios": list(self._state.weight_ratios),
@@ -249,6 +251,8 @@ class Controller:
                 raise StateDictError(
                     f"state_dict {key} do not match this model: saved {len(state[key])}, "
                     f"model has {len(getattr(self, key))}; attach with the same blocks")
+        self._seed = self._state.seed = int(state["seed"])
+        self._subsets = self._parameter_subsets(self._seed)
         self._s = float(state["s"])
         self._state.act_ratios = [float(r) for r in state["act_ratios"]]
         self._state.weight_ratios = [float(r) for r in state["weight_ratios"]]

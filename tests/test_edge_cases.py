@@ -1,0 +1,104 @@
+"""Batches of one, padding, zero and non-finite gradients, and resuming from a state_dict."""
+
+import copy
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+import vcas
+from models import TinyTransformer, token_batch
+
+
+def _attached(act=0.5, weight=0.5, **model_kwargs):
+    torch.manual_seed(0)
+    model = TinyTransformer(**model_kwargs)
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0))
+    ctl.set_ratios(act=act, weight=weight)
+    return model, ctl
+
+
+def test_batch_of_one_is_sampled_without_crash_and_stays_unbiased_in_mean():
+    model, ctl = _attached()
+    tokens, labels = token_batch(n=1)
+    loss = F.cross_entropy(model(tokens), labels)
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    kept = 0
+    for draw in range(200):
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        kept += bool(grads[1].abs().sum() > 0)
+        total = [t + g for t, g in zip(total, grads)]
+    assert 0 < kept < 200  # the single sample is sometimes dropped, sometimes kept
+    assert all(torch.isfinite(t).all() for t in total)
+
+
+def test_padding_rows_of_zeros_are_never_sampled_and_do_not_crash():
+    model, ctl = _attached()
+    tokens, labels = token_batch(n=4)
+    embedded = model.embed(tokens).detach()
+    embedded[:, 3:] = 0.0  # padded positions carry all-zero activations
+    x = embedded.requires_grad_()
+    for block in model.blocks:
+        x = block(x)
+    F.cross_entropy(model.head(model.norm(x).mean(1)), labels).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_block_with_zero_gradient_and_empty_kept_sets():
+    model, ctl = _attached(act=0.1, weight=0.1)
+    tokens, _ = token_batch()
+    (0.0 * model(tokens).sum()).backward()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters() if p.grad is not None)
+
+
+def test_nan_gradients_do_not_crash_and_skip_the_controller_update():
+    model, ctl = _attached()
+    tokens, labels = token_batch()
+    (model(tokens).sum() * float("nan")).backward()
+    assert ctl.stats()["nonfinite_gradients"] > 0
+    nan_loss = lambda batch: model(batch[0]).sum() * float("nan")
+    ctl.calibrate(nan_loss, [token_batch(seed=s) for s in (1, 2)])
+    stats = ctl.stats()
+    assert stats["skipped_updates"] == 1 and stats["updates"] == 0
+    assert "non-finite" in stats["last_skip_reason"]
+    assert stats["act_ratios"] == [0.5, 0.5, 0.5]
+
+
+def _train(model, ctl, steps, start=0):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss_fn = lambda batch: F.cross_entropy(model(batch[0]), batch[1])
+    for step in range(start, start + steps):
+        loss_fn(token_batch(seed=step)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ctl.maybe_calibrate(loss_fn, [token_batch(seed=1000 + step), token_batch(seed=2000 + step)])
+
+
+def test_state_dict_resumes_exactly():
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    ctl = vcas.attach(model, vcas.VCASConfig(update_every=2, s_step=0.2, tau_act=1.0, seed=0))
+    _train(model, ctl, 4)
+    saved_model, saved_ctl = copy.deepcopy(model.state_dict()), copy.deepcopy(ctl.state_dict())
+    _train(model, ctl, 4, start=4)
+
+    torch.manual_seed(1)
+    resumed = TinyTransformer()
+    resumed.load_state_dict(saved_model)
+    ctl2 = vcas.attach(resumed, vcas.VCASConfig(update_every=2, s_step=0.2, tau_act=1.0, seed=99))
+    ctl2.load_state_dict(saved_ctl)
+    _train(resumed, ctl2, 4, start=4)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+    assert ctl.stats() == ctl2.stats()
+
+
+def test_state_dict_for_another_model_is_rejected():
+    ctl = vcas.attach(TinyTransformer(depth=2))
+    other = vcas.attach(TinyTransformer(depth=3))
+    try:
+        other.load_state_dict(ctl.state_dict())
+    except vcas.StateDictError as error:
+        assert "block_names" in str(error)
+    else:
+        raise AssertionError("a mismatched state_dict was accepted")
