@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import vcas
-import vcas.ops
+import vcas.ops.activation
+import vcas.ops.linear
 from models import TinyCNN, TinyTransformer, image_batch, token_batch
 from stats import bias_statistics, sampled_gradients
 
@@ -65,7 +66,8 @@ def test_negative_control_a_biased_sampler_is_caught(monkeypatch):
         uniform = torch.rand(probs.shape, generator=generator, dtype=probs.dtype)
         return (uniform < probs).to(probs.dtype)
 
-    monkeypatch.setattr(vcas.ops, "bernoulli_weights", keep_without_reweighting)
+    monkeypatch.setattr(vcas.ops.activation, "bernoulli_weights", keep_without_reweighting)
+    monkeypatch.setattr(vcas.ops.linear, "bernoulli_weights", keep_without_reweighting)
     stats = _check(*_transformer_case(), act=0.5, weight=0.5)
     assert stats["mean_energy"] > 10.0, stats
 
@@ -73,7 +75,7 @@ def test_negative_control_a_biased_sampler_is_caught(monkeypatch):
 def test_negative_control_skipping_rows_after_batchnorm_is_caught(monkeypatch):
     """A linear backward that trusted the sampler's kept set instead of the arriving gradient
     would skip rows that BatchNorm made non-zero again: that bias must be detected."""
-    original = vcas.ops._input_grad
+    original = vcas.ops.linear._input_grad
     kept_rows = {}
 
     def input_grad_assuming_zero_rows(gy, weight, rows):
@@ -82,6 +84,6 @@ def test_negative_control_skipping_rows_after_batchnorm_is_caught(monkeypatch):
             kept_rows[key] = torch.arange(0, gy.shape[0], 2)  # pretend half the rows were dropped
         return original(gy, weight, kept_rows[key])
 
-    monkeypatch.setattr(vcas.ops, "_input_grad", input_grad_assuming_zero_rows)
+    monkeypatch.setattr(vcas.ops.linear, "_input_grad", input_grad_assuming_zero_rows)
     stats = _check(*_cnn_case(), act=1.0, weight=1.0)
     assert stats["deterministic_mismatches"] > 0, stats

@@ -1,88 +1,20 @@
-"""The sampled backward: activation sampling at block outputs and the sampled linear backward.
+"""SampleW: the sampled linear backward (METHOD.md section 4).
 
-Both read a :class:`~vcas.state.SamplingState` at backward time, so one forward graph can be
-backpropagated exactly, then with sampling (the calibration does this with ``retain_graph``).
+The input gradient is computed only for rows whose incoming gradient is non-zero (decided from
+the gradient that arrives, never assumed); the weight gradient is leverage-score sampled over the
+non-zero rows when the layer's keep ratio is below 1. The bias gradient stays exact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from .accounting import FlopBucket
-from .sampling import bernoulli_weights, capped_proportional_probs, sampling_variance
-from .state import SamplingState
-
-
-def find_hidden_state(output: Any) -> torch.Tensor | None:
-    """The hidden-state tensor in a block's output: the tensor itself, the first tensor of a
-    tuple or list, or ``last_hidden_state`` / ``hidden_states`` (else the first tensor value) of
-    a dict or ``ModelOutput``. Returns ``None`` when the output holds no floating-point tensor."""
-    if isinstance(output, torch.Tensor):
-        return output if output.is_floating_point() else None
-    if isinstance(output, Mapping):
-        for key in ("last_hidden_state", "hidden_states"):
-            value = output.get(key)
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                return value
-        candidates = list(output.values())
-    elif isinstance(output, (tuple, list)):
-        candidates = list(output)
-    else:
-        return None
-    for value in candidates:
-        found = find_hidden_state(value)
-        if found is not None:
-            return found
-    return None
-
-
-def per_sample_norms(grad: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of each sample's slice (dimension 0), accumulated in float32."""
-    return torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1, dtype=torch.float32)
-
-
-class BlockSampler:
-    """SampleA at one block's output: a forward hook that hooks the hidden state's gradient."""
-
-    def __init__(self, index: int, name: str, state: SamplingState) -> None:
-        self.index = index
-        self.name = name
-        self.state = state
-        self.recorded_norms: list[torch.Tensor] = []
-
-    def forward_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if not (self.state.enabled and torch.is_grad_enabled()):
-            return
-        hidden = find_hidden_state(output)
-        if hidden is None or not hidden.requires_grad:
-            return
-        if hidden.dim() < 1:
-            raise RuntimeError(
-                f"vcas: block {self.name!r} returned a scalar hidden state; activation sampling "
-                "needs a batch-first tensor. Name other blocks with attach(..., blocks=[...]).")
-        hidden.register_hook(self.sample_gradient)
-
-    def sample_gradient(self, grad: torch.Tensor) -> torch.Tensor | None:
-        state = self.state
-        if not state.enabled:
-            return None
-        norms = per_sample_norms(grad)
-        if not bool(torch.isfinite(norms).all()):
-            # Non-finite gradients pass through exactly: sampling them would only hide the problem.
-            state.nonfinite_gradients += 1
-            return None
-        if state.record_norms:
-            self.recorded_norms.append(norms.detach().cpu())
-        ratio = state.act_ratios[self.index]
-        if not state.sample_acts or ratio >= state.ratio_above(self.index):
-            return None
-        probs = capped_proportional_probs(norms, ratio * grad.shape[0])
-        weights = bernoulli_weights(probs, state.generator(grad.device))
-        return grad * weights.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
+from ..accounting import FlopBucket
+from ..sampling import bernoulli_weights, capped_proportional_probs, sampling_variance
+from ..state import SamplingState
 
 
 class LinearSite:

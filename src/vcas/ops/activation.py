@@ -1,0 +1,60 @@
+"""SampleA: importance sampling of the activation gradient over samples at block outputs.
+
+The sampler reads the :class:`~vcas.state.SamplingState` at backward time, so one forward graph
+can be backpropagated exactly, then with sampling (the calibration does this with ``retain_graph``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..outputs import find_hidden_state
+from ..sampling import bernoulli_weights, capped_proportional_probs
+from ..state import SamplingState
+
+
+def per_sample_norms(grad: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of each sample's slice (dimension 0), accumulated in float32."""
+    return torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1, dtype=torch.float32)
+
+
+class BlockSampler:
+    """SampleA at one block's output: a forward hook that hooks the hidden state's gradient."""
+
+    def __init__(self, index: int, name: str, state: SamplingState) -> None:
+        self.index = index
+        self.name = name
+        self.state = state
+        self.recorded_norms: list[torch.Tensor] = []
+
+    def forward_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not (self.state.enabled and torch.is_grad_enabled()):
+            return
+        hidden = find_hidden_state(output)
+        if hidden is None or not hidden.requires_grad:
+            return
+        if hidden.dim() < 1:
+            raise RuntimeError(
+                f"vcas: block {self.name!r} returned a scalar hidden state; activation sampling "
+                "needs a batch-first tensor. Name other blocks with attach(..., blocks=[...]).")
+        hidden.register_hook(self.sample_gradient)
+
+    def sample_gradient(self, grad: torch.Tensor) -> torch.Tensor | None:
+        state = self.state
+        if not state.enabled:
+            return None
+        norms = per_sample_norms(grad)
+        if not bool(torch.isfinite(norms).all()):
+            # Non-finite gradients pass through exactly: sampling them would only hide the problem.
+            state.nonfinite_gradients += 1
+            return None
+        if state.record_norms:
+            self.recorded_norms.append(norms.detach().cpu())
+        ratio = state.act_ratios[self.index]
+        if not state.sample_acts or ratio >= state.ratio_above(self.index):
+            return None
+        probs = capped_proportional_probs(norms, ratio * grad.shape[0])
+        weights = bernoulli_weights(probs, state.generator(grad.device))
+        return grad * weights.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
