@@ -155,8 +155,8 @@ def measure_model_flops(loss_fn: LossFn, batch: Any, state: SamplingState,
                         params: list[nn.Parameter]) -> tuple[float, float]:
     """Model FLOPs outside the sampled layers per sampled-layer FLOP, forward and backward.
 
-    Runs one exact forward and full backward under ``torch.utils.flop_counter.FlopCounterMode``;
-    its cost is added to the calibration bucket.
+    Runs one exact forward and full backward under ``torch.utils.flop_counter.FlopCounterMode``.
+    This one-off measurement is not a training cost and is not added to the tally.
     """
     scratch = FlopTally()
     saved_tally = state.tally
@@ -169,7 +169,6 @@ def measure_model_flops(loss_fn: LossFn, batch: Any, state: SamplingState,
                 torch.autograd.grad(loss, params, allow_unused=True)
     finally:
         state.tally = saved_tally
-    saved_tally.calibration.add(scratch.train)
     linear = scratch.train
     if linear.forward <= 0 or linear.backward_exact <= 0:
         return 0.0, 0.0

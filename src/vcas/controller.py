@@ -114,16 +114,27 @@ class Controller:
             raise ConfigError(
                 f"calibrate needs at least 2 batches to estimate the SGD variance, got {len(batches)}")
         state = self._state
+        if state.tally.other_forward_per_linear is None:
+            self.measure_flops(loss_fn, batches[0])
         with calibration.preserved_training_state(self.model), \
                 calibration.sampling_mode(state, enabled=True):
-            if state.tally.other_forward_per_linear is None:
-                ratios = calibration.measure_model_flops(loss_fn, batches[0], state, self._params)
-                state.tally.other_forward_per_linear, state.tally.other_backward_per_linear = ratios
             measurement = calibration.measure(
                 loss_fn, batches, state, self._installation.block_samplers,
                 self._installation.linear_sites, self._params, self._subsets)
         self._adaptive = True
         self._apply(measurement)
+
+    def measure_flops(self, loss_fn: calibration.LossFn, batch: Any) -> None:
+        """Measure the model's FLOPs outside the sampled layers once, with
+        ``torch.utils.flop_counter``, so FLOPs reductions cover the whole model (done
+        automatically at the first calibration; call it when ratios are set by hand)."""
+        self._check_attached()
+        state = self._state
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        with calibration.preserved_training_state(self.model), \
+                calibration.sampling_mode(state, enabled=True):
+            ratios = calibration.measure_model_flops(loss_fn, batch, state, params)
+        state.tally.other_forward_per_linear, state.tally.other_backward_per_linear = ratios
 
     def _apply(self, measurement: calibration.Measurement) -> None:
         self._last = measurement
@@ -202,6 +213,8 @@ class Controller:
             "nonfinite_gradients": self._state.nonfinite_gradients,
             "bp_flops_reduction": tally.bp_flops_reduction(),
             "train_flops_reduction": tally.train_flops_reduction(),
+            "exact_training_flops": tally.exact_training_flops(),
+            "spent_flops": tally.spent_flops(),
             "flops_scope": tally.scope,
         }
 

@@ -1,0 +1,1 @@
+"""Experiments on real tasks: ``vcas compare`` and ``vcas demo`` (optional dependencies inside)."""
