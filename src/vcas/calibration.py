@@ -33,6 +33,8 @@ class Measurement:
     var_act_layers: list[float]
     var_weight_layers: list[float]
     block_norms: list[list[torch.Tensor]]  # per batch, per block: per-sample gradient norms
+    row_scores: list[list[torch.Tensor]] = dataclasses.field(default_factory=list)
+    act_ratios: list[float] = dataclasses.field(default_factory=list)  # schedule the draws used
 
     @property
     def var_sgd(self) -> float:
@@ -105,14 +107,22 @@ def scalar_loss(loss_fn: LossFn, batch: Any) -> torch.Tensor:
 
 def measure(loss_fn: LossFn, batches: Sequence[Any], state: SamplingState,
             samplers: list[BlockSampler], sites: list[LinearSite],
-            params: list[nn.Parameter], subsets: list[torch.Tensor]) -> Measurement:
-    """Run the calibration passes and estimate the variances (scaled up from the subsets)."""
-    draws = len(batches)
+            params: list[nn.Parameter], subsets: list[torch.Tensor], draws: int | None = None,
+            act_ratios: list[float] | None = None) -> Measurement:
+    """Run the calibration passes and estimate the variances (scaled up from the subsets).
+
+    Args:
+        draws: activation-sampling draws per batch (default: one per batch, M x M in all).
+        act_ratios: the schedule the draws sample with (default: the current one).
+    """
+    draws = len(batches) if draws is None else draws
+    trial = list(state.act_ratios if act_ratios is None else act_ratios)
     exact: list[list[torch.Tensor]] = []
     act_sq = [0.0] * len(params)
     block_norms: list[list[torch.Tensor]] = []
     for site in sites:
         site.recorded_variance.clear()
+        site.recorded_scores.clear()
     for batch in batches:
         for sampler in samplers:
             sampler.recorded_norms.clear()
@@ -124,7 +134,7 @@ def measure(loss_fn: LossFn, batches: Sequence[Any], state: SamplingState,
         block_norms.append([_last_or_none(sampler.recorded_norms) for sampler in samplers])
         for draw in range(draws):
             with sampling_mode(state, phase=CALIBRATION, sample_acts=True, sample_weights=False,
-                               record_weight_variance=True):
+                               record_weight_variance=True, act_ratios=trial):
                 sampled = _subset_grads(loss, params, subsets, retain=draw < draws - 1)
             for layer, (g_a, g_s) in enumerate(zip(sampled, exact_grads)):
                 act_sq[layer] += float((g_a - g_s).pow(2).sum())
@@ -134,7 +144,8 @@ def measure(loss_fn: LossFn, batches: Sequence[Any], state: SamplingState,
     var_act = [sq / (draws * len(batches)) * scale[layer] for layer, sq in enumerate(act_sq)]
     var_weight = [sum(site.recorded_variance) / len(site.recorded_variance)
                   if site.recorded_variance else 0.0 for site in sites]
-    return Measurement(var_sgd, var_act, var_weight, block_norms)
+    scores = [list(site.recorded_scores) for site in sites]
+    return Measurement(var_sgd, var_act, var_weight, block_norms, scores, trial)
 
 
 def _subset_grads(loss: torch.Tensor, params: list[nn.Parameter], subsets: list[torch.Tensor],

@@ -7,6 +7,8 @@ from typing import Any
 
 from .errors import ConfigError
 
+CONTROLLERS = ("paper", "adaptive")
+
 
 @dataclasses.dataclass(frozen=True)
 class VCASConfig:
@@ -24,6 +26,14 @@ class VCASConfig:
             (0 = apply the candidate schedule directly; the paper mentions 0.6 as an option).
         seed: seed of the controller's own sampling generator. ``None`` derives it from
             ``torch.initial_seed()`` so that the user's seed fixes it and no RNG draw is consumed.
+        controller: ``"paper"`` (the paper's rules, for reproducing it) or ``"adaptive"`` (solves
+            for the operating point at each calibration; see :mod:`vcas.adaptive`).
+        min_update_every: adaptive only: the shortest calibration interval (default
+            ``max(1, update_every // 10)``); the interval doubles up to ``update_every`` while the
+            ratios are stable. The first calibration runs at the first step.
+        smoothing: adaptive only: decay of the averages of V_sgd and of the V_act / proxy gain
+            across calibrations (0 = use each calibration alone).
+        min_weight_ratio: adaptive only: the smallest weight keep ratio the solver may choose.
     """
 
     tau_act: float = 0.025
@@ -35,6 +45,10 @@ class VCASConfig:
     param_fraction: float = 0.01
     ratio_ema: float = 0.0
     seed: int | None = None
+    controller: str = "paper"
+    min_update_every: int | None = None
+    smoothing: float = 0.5
+    min_weight_ratio: float = 0.05
 
     def __post_init__(self) -> None:
         _check(self.tau_act > 0, "tau_act", self.tau_act, "> 0")
@@ -47,6 +61,17 @@ class VCASConfig:
         _check(0 <= self.ratio_ema < 1, "ratio_ema", self.ratio_ema, "in [0, 1)")
         if self.seed is not None:
             _check_int(self.seed, "seed", 0)
+        _check(self.controller in CONTROLLERS, "controller", self.controller, f"one of {CONTROLLERS}")
+        if self.min_update_every is not None:
+            _check_int(self.min_update_every, "min_update_every", 1)
+            _check(self.min_update_every <= self.update_every, "min_update_every",
+                   self.min_update_every, "at most update_every")
+        _check(0 <= self.smoothing < 1, "smoothing", self.smoothing, "in [0, 1)")
+        _check(0 < self.min_weight_ratio <= 1, "min_weight_ratio", self.min_weight_ratio, "in (0, 1]")
+
+    @property
+    def shortest_interval(self) -> int:
+        return self.min_update_every or max(1, self.update_every // 10)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,12 +10,13 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from . import calibration
+from . import adaptive, calibration, distributed
 from .config import VCASConfig
-from .discovery import BlockSpec, find_blocks, find_linears
+from .discovery import BlockSpec, ModuleFilter, plan_model
 from .errors import AttachError, ConfigError, StateDictError
+from .explain import Explanation
 from .rewrite import Installation
-from .sampling import monotone_schedule, norm_share_fraction
+from .sampling import share_schedule
 from .state import SamplingState
 
 logger = logging.getLogger(__name__)
@@ -31,19 +32,24 @@ class Controller:
     """
 
     def __init__(self, model: nn.Module, config: VCASConfig | None = None, *,
-                 blocks: BlockSpec = None) -> None:
+                 blocks: BlockSpec = None, include: ModuleFilter = None,
+                 exclude: ModuleFilter = None) -> None:
         self.config = config if config is not None else VCASConfig()
         if not isinstance(self.config, VCASConfig):
             raise ConfigError(f"config must be a VCASConfig, got {type(self.config).__name__}")
+        # Attach to the user's module inside DDP / torch.compile wrappers (see vcas.distributed).
+        self._ddp = distributed.ddp_wrapper(model)
+        model = distributed.unwrap_model(model)
         self.model = model
-        block_list = find_blocks(model, blocks)
-        linears = find_linears(block_list)
+        plan = plan_model(model, blocks, include=include, exclude=exclude)
+        block_list, linears = plan.blocks, plan.linears
         seed = self.config.seed if self.config.seed is not None else torch.initial_seed() % (2**62)
         self._seed = seed
         self._state = SamplingState(len(block_list), len(linears), seed, rank=_rank())
-        self._installation = Installation(model, block_list, linears, self._state)
+        self._installation = Installation(model, plan, self._state)
         self.block_names = [name for name, _ in block_list]
         self.linear_names = [name for name, _, _ in linears]
+        self.conv_names = [name for name, _ in plan.convs]
         self._params = self._measured_parameters(block_list)
         self._subsets = self._parameter_subsets(seed)
         self._s = 1.0
@@ -54,17 +60,18 @@ class Controller:
         self._last_skip_reason: str | None = None
         self._last: calibration.Measurement | None = None
         self.history: list[dict[str, Any]] = []
+        self._adaptive_state = adaptive.AdaptiveState()
         self._batch_source: tuple[Any, Iterator[Any]] | None = None
         self._detached = False
-        logger.info("vcas attached: %d blocks, %d sampled linear layers, %s",
-                    len(self.block_names), len(self.linear_names), self.config)
+        logger.info("vcas attached to %s: %s; %s", type(model).__name__,
+                    Explanation.from_plan(model, plan).summary(), self.config)
 
     # ----------------------------------------------------------------- set-up helpers
     def _measured_parameters(self, blocks: list[tuple[str, nn.Module]]) -> list[nn.Parameter]:
         """The weights whose gradient variance is measured: the sampled linears' weights, or, in
         a model without sampled linears, the trainable parameters of the blocks."""
-        params = [site.module.weight for site in self._installation.linear_sites
-                  if site.module.weight.requires_grad]
+        sites = self._installation.linear_sites + self._installation.conv_sites
+        params = [site.module.weight for site in sites if site.module.weight.requires_grad]
         if not params:
             seen: set[int] = set()
             params = [p for _, block in blocks for p in block.parameters()
@@ -97,10 +104,15 @@ class Controller:
         """
         self._check_attached()
         self._steps += 1
-        if not self._adaptive or self._steps % self.config.update_every != 0:
+        if not self._adaptive or not self._calibration_due():
             return False
         self.calibrate(loss_fn, [self._next_batch(batches) for _ in range(self.config.mc_samples)])
         return True
+
+    def _calibration_due(self) -> bool:
+        if self.config.controller == "adaptive":
+            return self._steps >= self._adaptive_state.next_step
+        return self._steps % self.config.update_every == 0
 
     def calibrate(self, loss_fn: calibration.LossFn, batches: Sequence[Any]) -> None:
         """Measure the variances on ``batches`` (at least 2) and update s, rho and nu now.
@@ -116,13 +128,22 @@ class Controller:
         state = self._state
         if state.tally.other_forward_per_linear is None:
             self.measure_flops(loss_fn, batches[0])
-        with calibration.preserved_training_state(self.model), \
+        with calibration.preserved_training_state(self.model), distributed.no_sync(self._ddp), \
                 calibration.sampling_mode(state, enabled=True):
             measurement = calibration.measure(
                 loss_fn, batches, state, self._installation.block_samplers,
-                self._installation.linear_sites, self._params, self._subsets)
+                self._installation.linear_sites, self._params, self._subsets,
+                **self._draw_settings())
         self._adaptive = True
-        self._apply(measurement)
+        self._apply(distributed.merge_measurements(measurement))  # identical on every DDP rank
+
+    def _draw_settings(self) -> dict[str, Any]:
+        """The adaptive controller draws once per batch, at a schedule that samples somewhere
+        (else the variance gain cannot be measured); the paper's draws M times at the current one."""
+        if self.config.controller != "adaptive":
+            return {}
+        ratios = self._state.act_ratios
+        return {"draws": 1, "act_ratios": ratios if min(ratios) < 1.0 else [0.5] * len(ratios)}
 
     def measure_flops(self, loss_fn: calibration.LossFn, batch: Any) -> None:
         """Measure the model's FLOPs outside the sampled layers once, with
@@ -131,7 +152,7 @@ class Controller:
         self._check_attached()
         state = self._state
         params = [p for p in self.model.parameters() if p.requires_grad]
-        with calibration.preserved_training_state(self.model), \
+        with calibration.preserved_training_state(self.model), distributed.no_sync(self._ddp), \
                 calibration.sampling_mode(state, enabled=True):
             ratios = calibration.measure_model_flops(loss_fn, batch, state, params)
         state.tally.other_forward_per_linear, state.tally.other_backward_per_linear = ratios
@@ -145,6 +166,9 @@ class Controller:
                 f"non-finite variance statistics at step {self._steps} (var_sgd={values[0]}, "
                 f"var_act={values[1]}, var_weight={values[2]}); ratios left unchanged")
             logger.warning("vcas: %s", self._last_skip_reason)
+        elif self.config.controller == "adaptive":
+            self._apply_adaptive(measurement)
+            self._updates += 1
         else:
             self._s = next_share(self._s, measurement.var_act, measurement.var_sgd, self.config)
             schedule = candidate_schedule(measurement.block_norms, self._s)
@@ -156,6 +180,27 @@ class Controller:
                 self._linear_sgd_variances(measurement), self.config)
             self._updates += 1
         self.history.append({"step": self._steps, **self._ratio_stats(), **self._variance_stats()})
+
+    def _apply_adaptive(self, measurement: calibration.Measurement) -> None:
+        """Solve s and every nu for the variance budgets (see :mod:`vcas.adaptive`)."""
+        config, memory = self.config, self._adaptive_state
+        var_sgd_layers = memory.smooth_sgd(measurement.var_sgd_layers, config.smoothing)
+        proxy = adaptive.proxy_act_variance(measurement.block_norms, measurement.act_ratios)
+        if proxy > 0 and measurement.var_act > 0:
+            memory.smooth_gain(measurement.var_act / proxy, config.smoothing)
+        previous_s, previous_nu = self._s, list(self._state.weight_ratios)
+        if memory.log_gain is not None:
+            budget = config.tau_act * sum(var_sgd_layers) / math.exp(memory.log_gain)
+            self._s = adaptive.solve_share(measurement.block_norms, budget)
+            self._state.act_ratios = candidate_schedule(measurement.block_norms, self._s)
+        by_param = {id(p): v for p, v in zip(self._params, var_sgd_layers)}
+        self._state.weight_ratios = [
+            adaptive.solve_weight_ratio(scores, config.tau_w * by_param.get(id(site.module.weight), 0.0),
+                                        config.min_weight_ratio)
+            for site, scores in zip(self._installation.linear_sites, measurement.row_scores)]
+        nu_moves = [abs(a - b) for a, b in zip(self._state.weight_ratios, previous_nu)]
+        stable = abs(self._s - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves))
+        memory.schedule_next(self._steps, stable, config.shortest_interval, config.update_every)
 
     def _linear_sgd_variances(self, measurement: calibration.Measurement) -> list[float]:
         """V_sgd of each sampled linear (0 for a frozen one, whose weight is not measured)."""
@@ -251,6 +296,7 @@ class Controller:
             "updates": self._updates,
             "skipped_updates": self._skipped_updates,
             "tally": self._state.tally.state_dict(),
+            "adaptive_state": self._adaptive_state.state_dict(),
             "generators": self._state.generator_states(),
             "history": [dict(entry) for entry in self.history],
         }
@@ -274,6 +320,7 @@ class Controller:
         self._updates = int(state["updates"])
         self._skipped_updates = int(state["skipped_updates"])
         self._state.tally.load_state_dict(state["tally"])
+        self._adaptive_state.load_state_dict(state["adaptive_state"])
         self._state.load_generator_states(state["generators"])
         self.history = [dict(entry) for entry in state["history"]]
 
@@ -317,16 +364,8 @@ def next_weight_ratios(ratios: Sequence[float], var_weight: Sequence[float],
 
 
 def candidate_schedule(block_norms: list[list[torch.Tensor | None]], s: float) -> list[float]:
-    """rho_l(s) = max over blocks j <= l of p_j(s), p_j averaged over the calibration batches.
-
-    A block whose gradient was never seen keeps everything (p = 1), the conservative choice.
-    """
-    n_blocks = len(block_norms[0]) if block_norms else 0
-    fractions = []
-    for block in range(n_blocks):
-        seen = [batch[block] for batch in block_norms if batch[block] is not None]
-        fractions.append(sum(norm_share_fraction(n, s) for n in seen) / len(seen) if seen else 1.0)
-    return monotone_schedule(fractions)
+    """rho_l(s) = max over blocks j <= l of p_j(s), p_j averaged over the calibration batches."""
+    return share_schedule(block_norms, s)
 
 
 def _ratios(name: str, value: float | Sequence[float] | None, current: list[float]) -> list[float]:
@@ -348,19 +387,30 @@ def _rank() -> int:
 
 
 def attach(model: nn.Module, config: VCASConfig | None = None, *,
-           blocks: BlockSpec = None) -> Controller:
+           blocks: BlockSpec = None, include: ModuleFilter = None,
+           exclude: ModuleFilter = None) -> Controller:
     """Attach VCAS sampled backpropagation to ``model`` and return its :class:`Controller`.
 
     The model keeps its parameters (an existing optimizer keeps working), module classes and
     ``state_dict`` keys; ``controller.detach()`` restores the original behaviour exactly.
 
     Args:
-        model: any ``nn.Module`` whose repeated blocks return a batch-first hidden state.
+        model: any ``nn.Module`` whose repeated blocks return a batch-first hidden state. A
+            DistributedDataParallel or ``torch.compile`` wrapper is looked through: vcas attaches
+            to the inner module, and calibration runs under DDP's ``no_sync``. Under DDP, attach
+            after ``init_process_group`` and call ``maybe_calibrate`` on every rank.
         config: a :class:`VCASConfig` (paper defaults if ``None``).
         blocks: ``None`` to detect the repeated blocks, a module class or tuple of classes, or
             a list of qualified module names.
+        include: layers outside the blocks to sample as well (default: none): glob patterns
+            over qualified names, or a predicate ``fn(module, qualified_name) -> bool``.
+        exclude: layers or blocks to leave exact, in the same forms. :func:`vcas.explain`
+            shows what a choice of blocks and filters samples.
     Raises:
-        BlockDetectionError: no blocks found or a block name that does not exist.
-        AttachError: the model already has vcas attached.
+        BlockDetectionError: no blocks found, a block name that does not exist, or blocks
+            that are not batch-first (:class:`vcas.BatchLayoutError`, raised by the forward).
+        ConfigError: a filter pattern that matches no module.
+        AttachError: the model already has vcas attached, or is wrapped in ``nn.DataParallel``
+            or FSDP (use DistributedDataParallel).
     """
-    return Controller(model, config, blocks=blocks)
+    return Controller(model, config, blocks=blocks, include=include, exclude=exclude)

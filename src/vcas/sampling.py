@@ -82,3 +82,15 @@ def monotone_schedule(fractions: list[float]) -> list[float]:
         running = max(running, fraction)
         schedule.append(running)
     return schedule
+
+
+def share_schedule(block_norms: list[list[torch.Tensor | None]], share: float) -> list[float]:
+    """rho(s): per block, the mean over calibration batches of :func:`norm_share_fraction`, made
+    monotone with :func:`monotone_schedule`. ``block_norms[batch][block]`` holds per-sample norms;
+    a block whose gradient was never seen (``None``) keeps everything, the conservative choice."""
+    n_blocks = len(block_norms[0]) if block_norms else 0
+    fractions = []
+    for block in range(n_blocks):
+        seen = [batch[block] for batch in block_norms if batch[block] is not None]
+        fractions.append(sum(norm_share_fraction(n, share) for n in seen) / len(seen) if seen else 1.0)
+    return monotone_schedule(fractions)

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--update-every", type=int, default=100, help="VCAS controller period F")
     parser.add_argument("--tau", type=float, default=0.025, help="tau_act = tau_w")
+    parser.add_argument("--controller", default="paper", choices=["paper", "adaptive"],
+                        help="controller of the 'vcas' method (vcas-paper / vcas-adaptive pick one)")
     parser.add_argument("--baseline-keep", type=float, default=1 / 3, help="SB / UB keep ratio")
     parser.add_argument("--train-limit", type=int, help="use only the first N training items")
     parser.add_argument("--eval-limit", type=int, help="evaluate on the first N items only")
@@ -86,7 +88,8 @@ def settings_for(task: tasks.Task, args: argparse.Namespace, seed: int) -> RunSe
     return RunSettings(steps=steps, batch_size=batch_size, lr=args.lr or task.lr, seed=seed,
                        baseline_keep=args.baseline_keep, eval_limit=args.eval_limit,
                        vcas=VCASConfig(tau_act=args.tau, tau_w=args.tau,
-                                       update_every=args.update_every, seed=seed))
+                                       update_every=args.update_every, seed=seed,
+                                       controller=args.controller))
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:

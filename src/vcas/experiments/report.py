@@ -51,7 +51,7 @@ def _run_record(seed: int, run: RunResult, exact: RunResult | None) -> dict[str,
             # Exact-training FLOPs as this run's accounting sees them vs torch.utils.flop_counter.
             record["flop_counter_check"] = run.stats["exact_training_flops"] / (
                 exact.exact_step_flops * len(run.losses))
-    if run.method == "vcas":
+    if run.method.startswith("vcas"):
         record.update(s=run.stats["s"], act_ratios=run.stats["act_ratios"],
                       weight_ratios=run.stats["weight_ratios"], updates=run.stats["updates"],
                       skipped_updates=run.stats["skipped_updates"])
@@ -131,9 +131,9 @@ def _markdown(summary: dict[str, Any], plots: list[str]) -> str:
     lines += ["", "Means over seeds; BP FLOPs reduction counts training backward passes; train "
               "FLOPs reduction counts everything, VCAS calibration included, from the rows really "
               "kept (work outside the sampled layers counted as exact).", ""]
-    vcas_runs = [r for r in summary["runs"] if r["method"] == "vcas"]
+    vcas_runs = [r for r in summary["runs"] if r["method"].startswith("vcas")]
     for run in vcas_runs:
-        lines.append(f"VCAS seed {run['seed']}: s = {run['s']:.3f}, updates {run['updates']}, "
+        lines.append(f"{run['method']} seed {run['seed']}: s = {run['s']:.3f}, updates {run['updates']}, "
                      f"act ratios {[round(x, 3) for x in run['act_ratios']]}, mean weight ratio "
                      f"{statistics.fmean(run['weight_ratios']):.3f}")
     checks = [r["flop_counter_check"] for r in summary["runs"] if "flop_counter_check" in r]
@@ -178,9 +178,9 @@ def _plots(out: Path, runs: list[tuple[int, RunResult]], settings: RunSettings) 
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
     names.append("loss.png")
-    vcas_run = next((run for run in shown if run.method == "vcas" and run.history), None)
-    if vcas_run is not None:
-        names += _controller_plots(out, vcas_run, settings, plt)
+    for run in shown:
+        if run.method.startswith("vcas") and run.history:
+            names += _controller_plots(out, run, settings, plt)
     return names
 
 
@@ -197,7 +197,9 @@ def _controller_plots(out: Path, run: RunResult, settings: RunSettings, plt: Any
         ax_nu.plot(steps, [h["weight_ratios"][layer] for h in run.history], lw=0.6)
     ax_nu.set(title="nu per linear layer (weight keep ratio)", xlabel="step", ylim=(0, 1.02))
     fig.tight_layout()
-    fig.savefig(out / "vcas_ratios.png", dpi=110)
+    fig.suptitle(run.method)
+    fig.tight_layout()
+    fig.savefig(out / f"{run.method}_ratios.png", dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -211,6 +213,7 @@ def _controller_plots(out: Path, run: RunResult, settings: RunSettings, plt: Any
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "vcas_variance.png", dpi=110)
+    ax.set_title(run.method)
+    fig.savefig(out / f"{run.method}_variance.png", dpi=110)
     plt.close(fig)
-    return ["vcas_ratios.png", "vcas_variance.png"]
+    return [f"{run.method}_ratios.png", f"{run.method}_variance.png"]

@@ -18,7 +18,7 @@ from ..controller import Controller, attach
 from ..data import batches
 from .tasks import Task
 
-METHODS = ("exact", "vcas", "sb", "ub")
+METHODS = ("exact", "vcas", "vcas-paper", "vcas-adaptive", "sb", "ub")
 
 
 @dataclasses.dataclass
@@ -86,7 +86,7 @@ def run_method(task: Task, method: str, settings: RunSettings,
             loss = _train_step(task, model, batch, method, settings, generator)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if method == "vcas":
+        if method.startswith("vcas"):
             controller.maybe_calibrate(mean_loss, calibration)
         elapsed += time.perf_counter() - started
         losses.append(loss)
@@ -105,7 +105,10 @@ def run_method(task: Task, method: str, settings: RunSettings,
 def _controller(model: torch.nn.Module, method: str, settings: RunSettings) -> Controller | None:
     if method == "exact":
         return None
-    controller = attach(model, settings.vcas)
+    config = settings.vcas
+    if method in ("vcas-paper", "vcas-adaptive"):
+        config = dataclasses.replace(config, controller=method.split("-")[1])
+    controller = attach(model, config)
     if method in ("sb", "ub"):
         # Exact sampled layers: they skip the all-zero rows of the dropped samples and count FLOPs.
         controller.set_ratios(act=1.0, weight=1.0)

@@ -32,6 +32,7 @@ class LinearSite:
         self.transposed = transposed
         self.original_forward: Callable[..., torch.Tensor] = type(module).forward.__get__(module)
         self.recorded_variance: list[float] = []
+        self.recorded_scores: list[torch.Tensor] = []
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.state.enabled and torch.is_grad_enabled()):
@@ -119,6 +120,7 @@ def _weight_grad(gy: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor,
     probs = capped_proportional_probs(scores, ratio * gy.shape[0])
     if state.record_weight_variance:
         site.recorded_variance.append(float(sampling_variance(probs, scores)))
+        site.recorded_scores.append(scores.detach().cpu())
     if not sample:
         return gy.t() @ xs, gy.shape[0]
     weights = bernoulli_weights(probs, state.generator(gy.device))
