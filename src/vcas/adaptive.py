@@ -9,7 +9,8 @@ single noisy variance ratio, so short runs stay near exact training. This contro
   causes in the weight gradients, V_act, is measured at one schedule; their ratio ``c`` (smoothed
   over calibrations in log space, which tames the heavy-tailed single estimates) turns the proxy
   into a prediction of V_act for any s. Bisection finds the smallest s whose predicted V_act
-  stays within ``tau_act * V_sgd``.
+  stays within ``tau_act * V_sgd``; s moves toward it within a trust region that grows while
+  the moves agree and shrinks when they flip.
 - Weight sampling: V_w,l(nu) is analytic given the recorded row scores, so each nu_l is solved
   directly by bisection against ``tau_w * V_sgd,l``.
 - Calibration spacing: the first calibration runs at the first step; the interval doubles while
@@ -27,13 +28,14 @@ import torch
 from .sampling import capped_proportional_probs, sampling_variance, share_schedule
 
 def proxy_act_variance(block_norms: list[list[torch.Tensor | None]], ratios: Sequence[float]) -> float:
-    """Sum over blocks of the variance SampleA adds at each block output under ``ratios``
-    (a block samples only below the ratio of the block above, as the sampler does)."""
+    """Sum over blocks of ``sum_i (1/p_i - 1) ||G_i||^2`` with ``p`` the capped-proportional
+    probabilities for ``ratio * N`` kept samples on the block's exact norms: the marginal keep
+    probabilities the block's parameters see under nested sampling. Monotone in every ratio,
+    so bisection on s is well posed."""
     total = 0.0
     for batch in block_norms:
         for block, norms in enumerate(batch):
-            above = ratios[block + 1] if block + 1 < len(ratios) else 1.0
-            if norms is None or ratios[block] >= above:
+            if norms is None or ratios[block] >= 1.0:
                 continue
             probs = capped_proportional_probs(norms, ratios[block] * norms.numel())
             total += float(sampling_variance(probs, norms))
@@ -84,18 +86,28 @@ def solve_weight_ratio(scores: list[torch.Tensor], budget: float, floor: float,
 
 @dataclasses.dataclass
 class AdaptiveState:
-    """What the adaptive controller carries between calibrations (checkpointed)."""
+    """What the adaptive controller carries between calibrations (checkpointed).
 
-    log_gain: float | None = None  # log of c = V_act / proxy, smoothed
+    The gain ``c = V_act / proxy`` is a ratio of moving averages (not an average of ratios):
+    single V_act estimates are heavy-tailed, and averaging ratios, or their logs, would
+    under-estimate the mean and make the controller too aggressive.
+    """
+
+    var_act: float = 0.0  # moving averages of the measured V_act and of the proxy at the draws
+    proxy: float = 0.0
     var_sgd_layers: list[float] | None = None  # smoothed per measured layer
+    step: float = 0.1  # current trust region for moves of s
+    direction: int = 0  # sign of the last move of s
     interval: int = 0
     next_step: int = 1
 
-    def smooth_gain(self, measured: float, decay: float) -> float:
-        log_value = math.log(measured)
-        self.log_gain = log_value if self.log_gain is None else (
-            decay * self.log_gain + (1 - decay) * log_value)
-        return math.exp(self.log_gain)
+    def gain(self, var_act: float, proxy: float, decay: float) -> float | None:
+        """Fold one measurement into the averages; the gain, or None while nothing sampled."""
+        if proxy > 0 and math.isfinite(var_act):
+            first = self.proxy == 0.0
+            self.var_act = var_act if first else decay * self.var_act + (1 - decay) * var_act
+            self.proxy = proxy if first else decay * self.proxy + (1 - decay) * proxy
+        return self.var_act / self.proxy if self.proxy > 0 and self.var_act > 0 else None
 
     def smooth_sgd(self, measured: Sequence[float], decay: float) -> list[float]:
         if self.var_sgd_layers is None or len(self.var_sgd_layers) != len(measured):
@@ -104,6 +116,16 @@ class AdaptiveState:
             self.var_sgd_layers = [decay * old + (1 - decay) * new
                                    for old, new in zip(self.var_sgd_layers, measured)]
         return list(self.var_sgd_layers)
+
+    def move(self, s: float, target: float, smallest: float = 0.01, largest: float = 0.4) -> float:
+        """Move s toward the solved target within a trust region that doubles while moves agree
+        in direction and halves when they flip, so noisy targets cannot make s oscillate."""
+        direction = (target > s) - (target < s)
+        if direction:
+            agree = direction == self.direction
+            self.step = min(largest, 2 * self.step) if agree else max(smallest, self.step / 2)
+            self.direction = direction
+        return min(1.0, max(0.0, s + max(-self.step, min(self.step, target - s))))
 
     def schedule_next(self, step: int, stable: bool, shortest: int, longest: int) -> None:
         """Double the interval while the solution is stable, halve it when it moves."""
