@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tau", type=float, default=0.025, help="tau_act = tau_w")
     parser.add_argument("--controller", default="paper", choices=["paper", "adaptive"],
                         help="controller of the 'vcas' method (vcas-paper / vcas-adaptive pick one)")
+    parser.add_argument("--adaptive-update-every", type=int, default=100,
+                        help="longest calibration interval of vcas-adaptive (default 100)")
+    parser.add_argument("--variance-checks", type=int, default=0,
+                        help="independent large-sample checks of V/V_sgd during each VCAS run")
     parser.add_argument("--baseline-keep", type=float, default=1 / 3, help="SB / UB keep ratio")
     parser.add_argument("--train-limit", type=int, help="use only the first N training items")
     parser.add_argument("--eval-limit", type=int, help="evaluate on the first N items only")
@@ -87,6 +91,8 @@ def settings_for(task: tasks.Task, args: argparse.Namespace, seed: int) -> RunSe
     steps = args.steps or max(1, math.ceil((args.epochs or task.epochs) * per_epoch))
     return RunSettings(steps=steps, batch_size=batch_size, lr=args.lr or task.lr, seed=seed,
                        baseline_keep=args.baseline_keep, eval_limit=args.eval_limit,
+                       adaptive_update_every=args.adaptive_update_every,
+                       variance_checks=args.variance_checks,
                        vcas=VCASConfig(tau_act=args.tau, tau_w=args.tau,
                                        update_every=args.update_every, seed=seed,
                                        controller=args.controller))

@@ -51,6 +51,10 @@ def _run_record(seed: int, run: RunResult, exact: RunResult | None) -> dict[str,
             # Exact-training FLOPs as this run's accounting sees them vs torch.utils.flop_counter.
             record["flop_counter_check"] = run.stats["exact_training_flops"] / (
                 exact.exact_step_flops * len(run.losses))
+    if run.variance_checks:
+        record["variance_checks"] = run.variance_checks
+        record["checked_act_ratio"] = statistics.fmean(c["act_ratio"] for c in run.variance_checks)
+        record["checked_weight_ratio"] = statistics.fmean(c["weight_ratio"] for c in run.variance_checks)
     if run.method.startswith("vcas"):
         record.update(s=run.stats["s"], act_ratios=run.stats["act_ratios"],
                       weight_ratios=run.stats["weight_ratios"], updates=run.stats["updates"],
@@ -60,7 +64,8 @@ def _run_record(seed: int, run: RunResult, exact: RunResult | None) -> dict[str,
 
 def _aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ["final_train_loss", "eval_accuracy", "bp_flops_reduction", "train_flops_reduction",
-            "train_seconds", "time_reduction", "flop_counter_check"]
+            "train_seconds", "time_reduction", "flop_counter_check", "checked_act_ratio",
+            "checked_weight_ratio"]
     out: dict[str, Any] = {"seeds": [r["seed"] for r in records]}
     for key in keys:
         values = [r[key] for r in records if key in r]
@@ -136,6 +141,11 @@ def _markdown(summary: dict[str, Any], plots: list[str]) -> str:
         lines.append(f"{run['method']} seed {run['seed']}: s = {run['s']:.3f}, updates {run['updates']}, "
                      f"act ratios {[round(x, 3) for x in run['act_ratios']]}, mean weight ratio "
                      f"{statistics.fmean(run['weight_ratios']):.3f}")
+    for run in summary["runs"]:
+        for check in run.get("variance_checks", []):
+            lines.append(f"{run['method']} seed {run['seed']} step {check['step']}: large-sample check "
+                         f"({check['batches']} batches x {check['draws']} draws) V_act / V_sgd = "
+                         f"{check['act_ratio']:.4f}, V_w / V_sgd = {check['weight_ratio']:.4f}")
     checks = [r["flop_counter_check"] for r in summary["runs"] if "flop_counter_check" in r]
     if checks:
         lines += ["", f"FLOPs accounting vs torch.utils.flop_counter (exact-training FLOPs ratio): "

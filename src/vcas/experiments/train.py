@@ -31,6 +31,10 @@ class RunSettings:
     baseline_keep: float = 1 / 3
     eval_limit: int | None = None
     vcas: VCASConfig = dataclasses.field(default_factory=VCASConfig)
+    adaptive_update_every: int = 100  # the longest calibration interval of vcas-adaptive
+    variance_checks: int = 0  # large-sample checks of the variance bound during VCAS runs
+    check_batches: int = 6
+    check_draws: int = 2
 
 
 @dataclasses.dataclass
@@ -43,6 +47,7 @@ class RunResult:
     exact_step_flops: float | None = None
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    variance_checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def final_train_loss(self) -> float:
         """Mean training loss over the last 5 % of steps (at least one step)."""
@@ -74,7 +79,8 @@ def run_method(task: Task, method: str, settings: RunSettings,
     if controller is not None:
         controller.measure_flops(mean_loss, next(calibration))
 
-    losses, flops, elapsed, exact_step = [], [], 0.0, None
+    losses, flops, elapsed, exact_step, checks = [], [], 0.0, None, []
+    check_steps = _check_steps(settings) if method.startswith("vcas") else set()
     for step in range(1, settings.steps + 1):
         batch = next(training)
         started = time.perf_counter()
@@ -93,8 +99,12 @@ def run_method(task: Task, method: str, settings: RunSettings,
         flops.append(controller.flops.spent_flops() if controller else step * (exact_step or 0.0))
         if progress:
             progress(step, loss)
+        if step in check_steps:  # outside the timed region, not counted in the FLOPs
+            check_batches = [next(calibration) for _ in range(settings.check_batches)]
+            checks.append({"step": step, **controller.check_variance(
+                mean_loss, check_batches, draws=settings.check_draws)})
     accuracy = evaluate(task, model, settings)
-    result = RunResult(method, losses, flops, elapsed, accuracy, exact_step)
+    result = RunResult(method, losses, flops, elapsed, accuracy, exact_step, variance_checks=checks)
     if controller is not None:
         result.stats = controller.stats()
         result.history = list(controller.history)
@@ -102,12 +112,20 @@ def run_method(task: Task, method: str, settings: RunSettings,
     return result
 
 
+def _check_steps(settings: RunSettings) -> set[int]:
+    count = settings.variance_checks
+    return {max(1, round(settings.steps * (k + 1) / (count + 1))) for k in range(count)}
+
+
 def _controller(model: torch.nn.Module, method: str, settings: RunSettings) -> Controller | None:
     if method == "exact":
         return None
     config = settings.vcas
-    if method in ("vcas-paper", "vcas-adaptive"):
-        config = dataclasses.replace(config, controller=method.split("-")[1])
+    if method == "vcas-paper":
+        config = dataclasses.replace(config, controller="paper")
+    elif method == "vcas-adaptive":
+        config = dataclasses.replace(config, controller="adaptive",
+                                     update_every=settings.adaptive_update_every)
     controller = attach(model, config)
     if method in ("sb", "ub"):
         # Exact sampled layers: they skip the all-zero rows of the dropped samples and count FLOPs.
