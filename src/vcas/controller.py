@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from . import adaptive, calibration, distributed
+from . import adaptive, calibration, diagnostics, distributed
 from .config import VCASConfig
 from .discovery import BlockSpec, ModuleFilter, plan_model
 from .errors import AttachError, ConfigError, StateDictError
@@ -33,7 +33,7 @@ class Controller:
 
     def __init__(self, model: nn.Module, config: VCASConfig | None = None, *,
                  blocks: BlockSpec = None, include: ModuleFilter = None,
-                 exclude: ModuleFilter = None) -> None:
+                 exclude: ModuleFilter = None, check_batch_first: bool = True) -> None:
         self.config = config if config is not None else VCASConfig()
         if not isinstance(self.config, VCASConfig):
             raise ConfigError(f"config must be a VCASConfig, got {type(self.config).__name__}")
@@ -46,7 +46,8 @@ class Controller:
         seed = self.config.seed if self.config.seed is not None else torch.initial_seed() % (2**62)
         self._seed = seed
         self._state = SamplingState(len(block_list), len(linears), seed, rank=_rank())
-        self._installation = Installation(model, plan, self._state)
+        self._installation = Installation(model, plan, self._state,
+                                          check_batch_first=check_batch_first)
         self.block_names = [name for name, _ in block_list]
         self.linear_names = [name for name, _, _ in linears]
         self.conv_names = [name for name, _ in plan.convs]
@@ -186,12 +187,13 @@ class Controller:
         config, memory = self.config, self._adaptive_state
         var_sgd_layers = memory.smooth_sgd(measurement.var_sgd_layers, config.smoothing)
         proxy = adaptive.proxy_act_variance(measurement.block_norms, measurement.act_ratios)
-        if proxy > 0 and measurement.var_act > 0:
-            memory.smooth_gain(measurement.var_act / proxy, config.smoothing)
+        gain = memory.gain(measurement.var_act, proxy, config.smoothing)
         previous_s, previous_nu = self._s, list(self._state.weight_ratios)
-        if memory.log_gain is not None:
-            budget = config.tau_act * sum(var_sgd_layers) / math.exp(memory.log_gain)
-            self._s = adaptive.solve_share(measurement.block_norms, budget)
+        target = previous_s
+        if gain is not None:
+            budget = config.tau_act * sum(var_sgd_layers) / gain
+            target = adaptive.solve_share(measurement.block_norms, budget)
+            self._s = memory.move(previous_s, target)
             self._state.act_ratios = candidate_schedule(measurement.block_norms, self._s)
         by_param = {id(p): v for p, v in zip(self._params, var_sgd_layers)}
         self._state.weight_ratios = [
@@ -199,7 +201,7 @@ class Controller:
                                         config.min_weight_ratio)
             for site, scores in zip(self._installation.linear_sites, measurement.row_scores)]
         nu_moves = [abs(a - b) for a, b in zip(self._state.weight_ratios, previous_nu)]
-        stable = abs(self._s - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves))
+        stable = abs(target - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves))
         memory.schedule_next(self._steps, stable, config.shortest_interval, config.update_every)
 
     def _linear_sgd_variances(self, measurement: calibration.Measurement) -> list[float]:
@@ -228,6 +230,15 @@ class Controller:
                 "output stays dropped below, so ratios must not decrease from input to output")
         self._state.act_ratios, self._state.weight_ratios = new_act, new_weight
         self._adaptive = False
+
+    def check_variance(self, loss_fn: calibration.LossFn, batches: Sequence[Any],
+                       draws: int = 8) -> dict[str, float]:
+        """An expensive independent check of the bound at the current ratios: V_act / V_sgd and
+        V_w / V_sgd from many batches and draws on every weight entry (see :mod:`vcas.diagnostics`).
+        Leaves training untouched and is not counted in the FLOPs."""
+        self._check_attached()
+        return diagnostics.variance_check(self.model, self._state, self._params, loss_fn,
+                                          list(batches), draws)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -388,7 +399,7 @@ def _rank() -> int:
 
 def attach(model: nn.Module, config: VCASConfig | None = None, *,
            blocks: BlockSpec = None, include: ModuleFilter = None,
-           exclude: ModuleFilter = None) -> Controller:
+           exclude: ModuleFilter = None, check_batch_first: bool = True) -> Controller:
     """Attach VCAS sampled backpropagation to ``model`` and return its :class:`Controller`.
 
     The model keeps its parameters (an existing optimizer keeps working), module classes and
@@ -406,6 +417,10 @@ def attach(model: nn.Module, config: VCASConfig | None = None, *,
             over qualified names, or a predicate ``fn(module, qualified_name) -> bool``.
         exclude: layers or blocks to leave exact, in the same forms. :func:`vcas.explain`
             shows what a choice of blocks and filters samples.
+        check_batch_first: check during each forward that every block's hidden state has a
+            dimension 0 equal to a batch size of the model's inputs (activation sampling drops
+            samples along dimension 0). Turn off for blocks that see a reshaped batch on purpose,
+            e.g. video frames folded into the batch dimension.
     Raises:
         BlockDetectionError: no blocks found, a block name that does not exist, or blocks
             that are not batch-first (:class:`vcas.BatchLayoutError`, raised by the forward).
@@ -413,4 +428,5 @@ def attach(model: nn.Module, config: VCASConfig | None = None, *,
         AttachError: the model already has vcas attached, or is wrapped in ``nn.DataParallel``
             or FSDP (use DistributedDataParallel).
     """
-    return Controller(model, config, blocks=blocks, include=include, exclude=exclude)
+    return Controller(model, config, blocks=blocks, include=include, exclude=exclude,
+                      check_batch_first=check_batch_first)
