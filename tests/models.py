@@ -85,3 +85,106 @@ def token_batch(n: int = 8, t: int = 6, vocab: int = 50, classes: int = 3, seed:
 def image_batch(n: int = 8, classes: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+# ----------------------------------------------------------------------- architecture coverage
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv + BN on a shape change)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + self.shortcut(x))
+
+
+class TinyResNet(nn.Module):
+    """Two stages of two basic blocks (the second downsamples), BatchNorm everywhere."""
+
+    def __init__(self, channels: int = 4, classes: int = 3, in_channels: int = 1) -> None:
+        super().__init__()
+        c = channels
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, c, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(c), nn.ReLU())
+        self.layer1 = nn.Sequential(BasicBlock(c, c), BasicBlock(c, c))
+        self.layer2 = nn.Sequential(BasicBlock(c, 2 * c, stride=2), BasicBlock(2 * c, 2 * c))
+        self.head = nn.Linear(2 * c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer2(self.layer1(self.stem(x))).mean(dim=(2, 3)))
+
+
+class Conv1dBlock(nn.Module):
+    """Residual 1-D convolutions with GroupNorm (per-sample), "same" and reflect padding, groups."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(channels, channels, 3, padding="same", padding_mode="reflect")
+        self.norm = nn.GroupNorm(1, channels)
+        self.conv2 = nn.Conv1d(channels, channels, 4, padding="same", groups=2, dilation=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(torch.tanh(self.norm(self.conv1(x))))
+
+
+class TinyConv1dNet(nn.Module):
+    def __init__(self, channels: int = 4, depth: int = 3, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(1, channels, 1)
+        self.blocks = nn.Sequential(*[Conv1dBlock(channels) for _ in range(depth)])
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=2))
+
+
+class StructuredBlock(nn.Module):
+    """Residual MLP block called with keyword arguments; returns its hidden state as a tensor, in
+    a tuple, a dict or a ModelOutput, next to an auxiliary batch-first tensor."""
+
+    def __init__(self, dim: int, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, hidden: torch.Tensor, *, scale: float = 1.0):
+        out = hidden + scale * self.fc2(torch.tanh(self.fc1(hidden)))
+        aux = out.mean(dim=-1)
+        if self.style == "tuple":
+            return out, aux
+        if self.style == "dict":
+            return {"aux": aux, "hidden_states": out}
+        if self.style == "model_output":
+            from transformers.modeling_outputs import BaseModelOutput
+            return BaseModelOutput(last_hidden_state=out, attentions=(aux,))
+        return out
+
+
+class StructuredModel(nn.Module):
+    def __init__(self, style: str, dim: int = 8, depth: int = 3, classes: int = 3) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([StructuredBlock(dim, style) for _ in range(depth)])
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        aux = 0.0
+        for block in self.blocks:
+            out = block(hidden=x, scale=0.5)
+            if isinstance(out, tuple):
+                x, aux = out
+            elif isinstance(out, dict) and "aux" in out:
+                x, aux = out["hidden_states"], out["aux"]
+            elif isinstance(out, dict):  # a ModelOutput
+                x, aux = out.last_hidden_state, out.attentions[0]
+            else:
+                x = out
+        return self.head(x.mean(dim=1)) + 0.1 * torch.as_tensor(aux).mean()

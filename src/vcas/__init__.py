@@ -3,7 +3,10 @@
 from .config import VCASConfig
 from .controller import Controller, attach
 from .errors import AttachError, BlockDetectionError, ConfigError, StateDictError, VCASError
+from .explain import Explanation, explain
+from .outputs import BatchLayoutError
 
 __all__ = ["VCASConfig", "Controller", "attach", "VCASError", "ConfigError",
-           "BlockDetectionError", "AttachError", "StateDictError"]
+           "BlockDetectionError", "AttachError", "StateDictError", "explain", "Explanation",
+           "BatchLayoutError"]
 __version__ = "0.1.0"

@@ -1,21 +1,212 @@
-"""Finding the blocks of a model and the linear layers whose backward is sampled."""
+"""Finding the blocks of a model and deciding, layer by layer, whose backward vcas samples.
+
+Design note "stacks": blocks that are consecutive children of one container (``encoder.layer``)
+form a stack; the gradient reaching a block's output went through the sampler of the next block
+of its stack first (its "block above"). The top block of a stack has no block above: in an
+encoder-decoder, the encoder's top block receives the sum of the gradients of every decoder block
+(cross-attention), not the output of one sampler, so it samples on its own.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 from collections import Counter
-from typing import Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import BlockDetectionError
+from .errors import BlockDetectionError, ConfigError
 
 BlockSpec = Union[None, type, tuple, Sequence[str]]
+ModulePredicate = Callable[[nn.Module, str], bool]
+ModuleFilter = Union[None, str, Sequence[str], ModulePredicate]
 
 _HOW_TO_NAME = (
     "Name the blocks explicitly: attach(model, cfg, blocks=MyBlockClass), a tuple of classes, "
     "or a list of qualified module names such as ['encoder.layer.0', 'encoder.layer.1'].")
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What attaching does to a model, decided before anything is changed.
+
+    Attributes:
+        blocks: (name, module) of each block whose output gradient is sampled, input side first.
+        above: per block, the index of the block whose sampler the gradient passed first
+            (the next block of the same stack), or None for the top of a stack.
+        linears: (name, module, transposed) of the linear layers whose backward is sampled.
+        convs: (name, module) of the convolutions that skip samples with a zero gradient.
+        exact: (name, module, reason) of the layers whose backward stays exact.
+        mixing: (name, module) of modules inside blocks that mix samples in their backward.
+    """
+
+    blocks: list[tuple[str, nn.Module]]
+    above: list[int | None]
+    linears: list[tuple[str, nn.Module, bool]]
+    convs: list[tuple[str, nn.Module]]
+    exact: list[tuple[str, nn.Module, str]]
+    mixing: list[tuple[str, nn.Module]]
+
+
+def plan_model(model: nn.Module, blocks: BlockSpec = None, *, include: ModuleFilter = None,
+               exclude: ModuleFilter = None) -> Plan:
+    """Decide the blocks and the sampled layers of ``model`` without modifying it.
+
+    A supported layer (``nn.Linear``, transformers' ``Conv1D``, ``nn.Conv1d/2d/3d``) is sampled
+    when it lies inside a block or matches ``include``, unless it matches ``exclude``; a module
+    matches when it or a module containing it matches. Blocks that match ``exclude`` are not
+    sampled either. Filters are glob patterns over qualified names (``"encoder.*.attention.*"``;
+    a pattern also matches as a name suffix, so ``"classifier"`` matches ``"model.classifier"``)
+    or a predicate ``fn(module, qualified_name) -> bool``.
+
+    Raises:
+        BlockDetectionError: no blocks, an unknown block name, or sequence-first blocks.
+        ConfigError: a filter of the wrong type, or a pattern that matches no module.
+    """
+    include_fn = compile_filter(model, include, "include")
+    exclude_fn = compile_filter(model, exclude, "exclude")
+    included = _matched_subtrees(model, include_fn)
+    excluded = _matched_subtrees(model, exclude_fn)
+    found = [(name, block) for name, block in find_blocks(model, blocks) if name not in excluded]
+    if not found:
+        raise BlockDetectionError(
+            f"exclude={exclude!r} excludes every block of {type(model).__name__}; nothing is left "
+            "to sample. Exclude fewer modules.")
+    _check_batch_first(found)
+    inside = _block_members(found)
+    linears, convs, exact, mixing = [], [], [], []
+    for name, module in model.named_modules():
+        in_block = name in inside
+        kind = layer_kind(module)
+        patched = "forward" in module.__dict__  # another library (or vcas) replaced its forward
+        wanted = in_block or name in included
+        if kind is not None and wanted and not patched and name not in excluded:
+            if kind == "conv":
+                convs.append((name, module))
+            else:
+                linears.append((name, module, kind == "transposed_linear"))
+        elif kind is not None or _owns_parameters(module) or isinstance(module, _BatchNorm):
+            reason = _exact_reason(module, kind, in_block, name in excluded, patched)
+            exact.append((name, module, reason))
+        if in_block and isinstance(module, _BatchNorm):
+            mixing.append((name, module))
+    return Plan(found, stack_above(found), linears, convs, exact, mixing)
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """"linear", "transposed_linear", "conv", or None for a layer vcas does not sample."""
+    if type(module) is nn.Linear:
+        return "linear"
+    if is_transposed_linear(module):
+        return "transposed_linear"
+    if isinstance(module, _CONVS):
+        return "conv"
+    return None
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' Conv1D: a linear layer that stores its weight as (in, out)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
+
+
+def stack_above(blocks: list[tuple[str, nn.Module]]) -> list[int | None]:
+    """The next block of the same container, or None at the top of a stack (design note above)."""
+    parents = [name.rpartition(".")[0] for name, _ in blocks]
+    return [i + 1 if i + 1 < len(blocks) and parents[i + 1] == parents[i] else None
+            for i in range(len(blocks))]
+
+
+def _exact_reason(module: nn.Module, kind: str | None, in_block: bool, excluded: bool,
+                  patched: bool) -> str:
+    if excluded:
+        return "excluded by exclude="
+    if patched and kind is not None:
+        return "has an instance-level forward already (vcas attached, or another library patched it)"
+    if not in_block:
+        return ("outside the blocks; opt in with include=" if kind is not None
+                else "outside the blocks")
+    if isinstance(module, _BatchNorm):
+        return ("batch statistics mix samples in its backward (training mode): dropped samples "
+                "get non-zero gradients again, so nothing is skipped below it")
+    if isinstance(module, nn.Linear):
+        return f"subclass of nn.Linear ({type(module).__name__}) whose forward vcas does not know"
+    if isinstance(module, nn.MultiheadAttention):
+        return "unsupported type: nn.MultiheadAttention computes its projections in one fused call"
+    if "Norm" in type(module).__name__:
+        return "normalisation (per-sample and cheap)"
+    if isinstance(module, nn.Embedding):
+        return "embedding lookup (cheap)"
+    return f"unsupported type {type(module).__name__}: its backward stays exact"
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
+# ------------------------------------------------------------------------- filters
+def compile_filter(model: nn.Module, spec: ModuleFilter, argument: str) -> ModulePredicate | None:
+    """A predicate ``fn(module, name)`` for a filter spec; patterns must each match a module."""
+    if spec is None:
+        return None
+    if callable(spec):
+        return spec
+    if isinstance(spec, str):
+        patterns = [spec]
+    elif isinstance(spec, (list, tuple)) and all(isinstance(p, str) for p in spec):
+        patterns = list(spec)
+    else:
+        raise ConfigError(
+            f"{argument}={spec!r} is not understood: pass a glob pattern, a list of patterns, "
+            "or a predicate fn(module, qualified_name) -> bool")
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [p for p in patterns if not any(_name_matches(name, p) for name in names)]
+    if unmatched:
+        raise ConfigError(
+            f"{argument} patterns {unmatched} match no module of {type(model).__name__}; "
+            f"patterns are globs over qualified names such as {names[:4]}")
+    return lambda module, name: any(_name_matches(name, p) for p in patterns)
+
+
+def _name_matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+def _matched_subtrees(model: nn.Module, predicate: ModulePredicate | None) -> set[str]:
+    """Names of the modules that match, or lie inside a module that matches."""
+    if predicate is None:
+        return set()
+    matched: set[str] = set()
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if name.rpartition(".")[0] in matched or bool(predicate(module, name)):
+            matched.add(name)
+    return matched
+
+
+def _block_members(blocks: list[tuple[str, nn.Module]]) -> set[str]:
+    """Qualified names of the blocks and of every module inside them."""
+    return {f"{block_name}.{name}" if name else block_name
+            for block_name, block in blocks for name, _ in block.named_modules()}
+
+
+def _check_batch_first(blocks: Iterable[tuple[str, nn.Module]]) -> None:
+    """torch's transformer layers default to (sequence, batch, features); vcas samples dim 0."""
+    layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    wrong = [name for name, block in blocks
+             if isinstance(block, layers) and not block.self_attn.batch_first]
+    if wrong:
+        raise BlockDetectionError(
+            f"blocks {wrong} are sequence-first (batch_first=False); vcas samples the batch "
+            "dimension, which must come first. Build them with batch_first=True.")
+
+
+# ------------------------------------------------------------------------- blocks
 def find_blocks(model: nn.Module, blocks: BlockSpec = None) -> list[tuple[str, nn.Module]]:
     """The model's blocks as (qualified name, module), in module order (input side first).
 
@@ -48,9 +239,9 @@ def _detect_repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     counts: Counter[type] = Counter()
     for module in model.modules():
         if isinstance(module, (nn.ModuleList, nn.Sequential)):
-            classes = Counter(type(child) for child in module.children())
+            classes = Counter(type(child) for child in module.children() if _can_be_block(child))
             for cls, count in classes.items():
-                if count >= 2 and not _is_leaf_layer(cls):
+                if count >= 2:
                     counts[cls] += count
     if not counts:
         return []
@@ -58,9 +249,10 @@ def _detect_repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return _outermost(model, lambda module: type(module) is best)
 
 
-def _is_leaf_layer(cls: type) -> bool:
-    """Single layers (Linear, Dropout, activations...) are not blocks: blocks hold modules."""
-    return cls.__module__.startswith("torch.nn.modules")
+def _can_be_block(module: nn.Module) -> bool:
+    """Blocks hold layers: single layers (Linear, Dropout, activations) and bare containers are
+    not blocks, torch's composite layers (nn.TransformerEncoderLayer) are."""
+    return not isinstance(module, _CONTAINERS) and next(module.children(), None) is not None
 
 
 def _first_position(model: nn.Module, cls: type) -> int:
@@ -88,25 +280,3 @@ def _by_names(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]
             f"{[n for n in list(modules)[1:6]]}. {_HOW_TO_NAME}")
     order = {name: position for position, name in enumerate(modules)}
     return [(name, modules[name]) for name in sorted(dict.fromkeys(names), key=order.__getitem__)]
-
-
-def is_transposed_linear(module: nn.Module) -> bool:
-    """transformers' Conv1D: a linear layer that stores its weight as (in, out)."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
-
-
-def find_linears(blocks: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module, bool]]:
-    """Linear layers inside the blocks as (qualified name, module, transposed), each once."""
-    found: list[tuple[str, nn.Module, bool]] = []
-    seen: set[int] = set()
-    for block_name, block in blocks:
-        for name, module in block.named_modules():
-            if id(module) in seen:
-                continue
-            transposed = is_transposed_linear(module)
-            # Subclasses of nn.Linear may compute something else in forward: they stay exact.
-            if type(module) is nn.Linear or transposed:
-                seen.add(id(module))
-                found.append((f"{block_name}.{name}" if name else block_name, module, transposed))
-    return found

@@ -1,4 +1,5 @@
-"""Finding the hidden-state tensor in whatever structure a block returns."""
+"""Finding the hidden-state tensor in whatever structure a block returns, and checking that it
+is batch-first (activation sampling drops samples along dimension 0)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from .errors import BlockDetectionError
+
+
+class BatchLayoutError(BlockDetectionError):
+    """A block's hidden state is not batch-first: sequence-first, or without a batch dimension."""
 
 
 def find_hidden_state(output: Any) -> torch.Tensor | None:
@@ -29,3 +36,29 @@ def find_hidden_state(output: Any) -> torch.Tensor | None:
         if found is not None:
             return found
     return None
+
+
+def input_batch_sizes(args: tuple, kwargs: dict[str, Any]) -> set[int]:
+    """Dimension-0 sizes of the tensors a model is called with (nested one level in containers).
+
+    Every tensor counts, so a model fed two batches of different sizes (text and images) passes."""
+    sizes: set[int] = set()
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Mapping):
+            items = list(value.values())
+        else:
+            items = list(value) if isinstance(value, (tuple, list)) else [value]
+        sizes.update(t.shape[0] for t in items if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return sizes
+
+
+def check_batch_first(hidden: torch.Tensor, batch_sizes: set[int], block_name: str) -> None:
+    """Raise :class:`BatchLayoutError` if ``hidden`` has no dimension 0 among ``batch_sizes``."""
+    if hidden.dim() > 0 and hidden.shape[0] in batch_sizes:
+        return
+    raise BatchLayoutError(
+        f"block {block_name!r} returned a hidden state of shape {tuple(hidden.shape)}, but the "
+        f"model was called with batch size {sorted(batch_sizes)}: vcas samples dimension 0, which "
+        "must be the batch. Make the blocks batch-first (e.g. batch_first=True, or transpose "
+        "inside the block), name other blocks with attach(..., blocks=[...]), or pass "
+        "check_batch_first=False if the blocks see a reshaped batch on purpose.")

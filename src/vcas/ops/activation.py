@@ -23,10 +23,14 @@ def per_sample_norms(grad: torch.Tensor) -> torch.Tensor:
 class BlockSampler:
     """SampleA at one block's output: a forward hook that hooks the hidden state's gradient."""
 
-    def __init__(self, index: int, name: str, state: SamplingState) -> None:
+    def __init__(self, index: int, name: str, state: SamplingState,
+                 above: int | None = None) -> None:
         self.index = index
         self.name = name
         self.state = state
+        # The block whose sampler the gradient passed first; None at the top of a stack
+        # (design note "stacks" in vcas.discovery).
+        self.above = above
         self.recorded_norms: list[torch.Tensor] = []
 
     def forward_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -53,7 +57,8 @@ class BlockSampler:
         if state.record_norms:
             self.recorded_norms.append(norms.detach().cpu())
         ratio = state.act_ratios[self.index]
-        if not state.sample_acts or ratio >= state.ratio_above(self.index):
+        above = 1.0 if self.above is None else state.act_ratios[self.above]
+        if not state.sample_acts or ratio >= above:
             return None
         probs = capped_proportional_probs(norms, ratio * grad.shape[0])
         weights = bernoulli_weights(probs, state.generator(grad.device))

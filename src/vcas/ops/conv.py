@@ -1,0 +1,183 @@
+"""Convolutions whose backward skips the samples with a zero incoming gradient.
+
+After activation sampling the dropped samples carry exactly zero gradient, so a convolution can
+compute its input and weight gradients from the other samples alone and give the same result.
+Which samples to skip is read from the gradient that arrives, never assumed: after a BatchNorm in
+training mode the dropped samples have non-zero gradients again and nothing is skipped
+(METHOD.md section 4). Weight-gradient sampling (SampleW) is defined for linear layers only.
+
+Plain ``nn.Conv1d/2d/3d`` call the sampled op directly. Subclasses with their own forward
+(TensorFlow-style "same" padding in EfficientNet, weight standardisation) run their forward with
+their ``F.conv*d`` calls routed to the sampled op; the result is exact given the arriving
+gradient, whatever the subclass does around the call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..accounting import FlopBucket
+from ..state import SamplingState
+
+_PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
+_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+class ConvSite:
+    """A convolution whose backward skips zero-gradient samples; installed as the module's ``forward``."""
+
+    def __init__(self, index: int, name: str, module: nn.Module, state: SamplingState) -> None:
+        self.index = index
+        self.name = name
+        self.module = module
+        self.state = state
+        self.original_forward: Callable[..., torch.Tensor] = type(module).forward.__get__(module)
+        self.direct = type(module) in _PLAIN and module.padding_mode == "zeros"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not (self.state.enabled and torch.is_grad_enabled()):
+            return self.original_forward(*args, **kwargs)
+        if self.direct:
+            m = self.module
+            x = args[0] if args else kwargs["input"]
+            return sampled_conv(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups,
+                                site=self)
+        with _RouteConvCalls(self):
+            return self.original_forward(*args, **kwargs)
+
+
+class _RouteConvCalls(TorchFunctionMode):
+    """Sends the ``F.conv1d/2d/3d`` calls made inside one module's forward to the sampled op."""
+
+    def __init__(self, site: ConvSite) -> None:
+        super().__init__()
+        self.site = site
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _CONV_FUNCTIONS:
+            bound = dict(zip(_ARGUMENTS, args), **kwargs)
+            return sampled_conv(site=self.site, **bound)
+        return func(*args, **kwargs)
+
+
+def sampled_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 stride: int | Sequence[int] = 1, padding: str | int | Sequence[int] = 0,
+                 dilation: int | Sequence[int] = 1, groups: int = 1, *,
+                 site: ConvSite) -> torch.Tensor:
+    """``F.conv{1,2,3}d`` whose backward computes only the samples with a non-zero gradient."""
+    dims = weight.dim() - 2
+    if input.dim() != weight.dim():  # an unbatched input: there are no samples to skip
+        return _CONV_FUNCTIONS[dims - 1](input, weight, bias, stride, padding, dilation, groups)
+    stride, dilation = _tuple(stride, dims), _tuple(dilation, dims)
+    input, padding = _explicit_padding(input, weight, padding, dilation)
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(device_type, enabled=False):
+        return _SampledConvFunction.apply(input, weight, bias, (stride, padding, dilation, groups), site)
+
+
+def conv_flops(output_shape: Sequence[int], weight: torch.Tensor) -> float:
+    """Forward FLOPs of a convolution: 2 per multiply-add, ``C_in / groups`` inputs per output.
+
+    One backward product (input or weight gradient) costs the same. ``torch.utils.flop_counter``
+    agrees for ``groups=1`` and counts the weight gradient ``groups`` times too high otherwise.
+    """
+    return 2.0 * math.prod(output_shape) * weight[0].numel()
+
+
+class _SampledConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                geometry: tuple, site: ConvSite) -> torch.Tensor:
+        stride, padding, dilation, groups = geometry
+        out = torch.convolution(x, weight, bias, stride, padding, dilation, False,
+                                [0] * len(stride), groups)
+        ctx.save_for_backward(x, weight)
+        ctx.geometry, ctx.site, ctx.has_bias = geometry, site, bias is not None
+        ctx.per_sample = conv_flops(out.shape[1:], weight)
+        site.state.tally.bucket(site.state.phase).forward += ctx.per_sample * out.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
+        rows = _nonzero_samples(grad_out, ctx.site.state)
+        n_rows = grad_out.shape[0] if rows is None else rows.numel()
+        grad_x = grad_w = grad_b = None
+        if n_rows > 0 and (need_x or need_w or need_b):
+            gy = grad_out if rows is None else grad_out.index_select(0, rows)
+            xs = x if rows is None else x.index_select(0, rows)
+            grad_x, grad_w, grad_b = _convolution_backward(gy, xs, weight, ctx.geometry,
+                                                           (need_x, need_w, need_b))
+        if need_x:
+            grad_x = _scatter_rows(grad_x, rows, x)
+        if need_w and grad_w is None:
+            grad_w = torch.zeros_like(weight)
+        if need_b and grad_b is None:
+            grad_b = grad_out.new_zeros(grad_out.shape[1])
+        products = int(need_x) + int(need_w)
+        flops = FlopBucket(backward_exact=ctx.per_sample * grad_out.shape[0] * products,
+                           backward_done=ctx.per_sample * n_rows * products)
+        ctx.site.state.tally.bucket(ctx.site.state.phase).add(flops)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _nonzero_samples(grad_out: torch.Tensor, state: SamplingState) -> torch.Tensor | None:
+    """Indices of the samples with a non-zero gradient; None for all (or a non-finite gradient,
+    which is passed through exactly)."""
+    norms = torch.linalg.vector_norm(grad_out.reshape(grad_out.shape[0], -1), dim=1,
+                                     dtype=torch.float32)
+    if not bool(torch.isfinite(norms).all()):
+        state.nonfinite_gradients += 1
+        return None
+    nonzero = norms > 0
+    return None if bool(nonzero.all()) else torch.nonzero(nonzero).squeeze(1)
+
+
+def _convolution_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geometry: tuple,
+                          mask: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+    stride, padding, dilation, groups = geometry
+    return torch.ops.aten.convolution_backward(
+        gy, x, weight, [weight.shape[0]] if mask[2] else None, stride, padding, dilation, False,
+        [0] * len(stride), groups, list(mask))
+
+
+def _scatter_rows(grad: torch.Tensor | None, rows: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    if rows is None and grad is not None:
+        return grad
+    full = torch.zeros_like(x)
+    return full if grad is None else full.index_copy_(0, rows, grad)
+
+
+def _tuple(value: int | Sequence[int], dims: int) -> list[int]:
+    return [int(value)] * dims if isinstance(value, int) else [int(v) for v in value]
+
+
+def _explicit_padding(x: torch.Tensor, weight: torch.Tensor, padding: str | int | Sequence[int],
+                      dilation: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Integer padding for ``convolution_backward``; "same" with an odd total pads ``x`` first."""
+    dims = weight.dim() - 2
+    if padding == "valid":
+        return x, [0] * dims
+    if padding != "same":
+        return x, _tuple(padding, dims)
+    totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    if all(total % 2 == 0 for total in totals):
+        return x, [total // 2 for total in totals]
+    pad: list[int] = []
+    for total in reversed(totals):  # F.pad takes the last dimension first
+        pad += [total // 2, total - total // 2]
+    return F.pad(x, pad), [0] * dims
