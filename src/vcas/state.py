@@ -37,11 +37,6 @@ class SamplingState:
         self.rank = rank
         self._generators: dict[str, torch.Generator] = {}
 
-    def ratio_above(self, block_index: int) -> float:
-        """Keep ratio already applied above a block: a block samples only if its own is lower."""
-        above = block_index + 1
-        return self.act_ratios[above] if above < len(self.act_ratios) else 1.0
-
     def generator(self, device: torch.device) -> torch.Generator:
         """The controller's own generator for ``device``: sampling never touches the user's RNG."""
         key = str(device)
