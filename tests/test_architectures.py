@@ -19,17 +19,12 @@ import vcas.data
 from models import StructuredModel
 from stats import bias_statistics, sampled_gradients
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 transformers = pytest.importorskip("transformers")
 V, N, T = 64, 8, 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run several times faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _bert():

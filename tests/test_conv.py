@@ -23,14 +23,9 @@ from stats import bias_statistics, sampled_gradients
 from vcas.ops.conv import ConvSite
 from vcas.state import SamplingState
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run several times faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 class SamePadConv2d(nn.Conv2d):

@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..accounting import FlopBucket
 from ..state import SamplingState
+from .autocast import autocast_inputs
 
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
@@ -78,12 +79,8 @@ def sampled_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return _CONV_FUNCTIONS[dims - 1](input, weight, bias, stride, padding, dilation, groups)
     stride, dilation = _tuple(stride, dims), _tuple(dilation, dims)
     input, padding = _explicit_padding(input, weight, padding, dilation)
-    device_type = input.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    with torch.autocast(device_type, enabled=False):
+    input, weight, bias = autocast_inputs(input, weight, bias)
+    with torch.autocast(input.device.type, enabled=False):
         return _SampledConvFunction.apply(input, weight, bias, (stride, padding, dilation, groups), site)
 
 

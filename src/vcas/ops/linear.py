@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..accounting import FlopBucket
 from ..sampling import bernoulli_weights, capped_proportional_probs, sampling_variance
 from ..state import SamplingState
+from .autocast import autocast_inputs
 
 
 class LinearSite:
@@ -46,12 +47,8 @@ class LinearSite:
 def sampled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    site: LinearSite) -> torch.Tensor:
     """``F.linear`` whose backward skips zero rows and samples the weight-gradient rows."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    with torch.autocast(device_type, enabled=False):
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    with torch.autocast(x.device.type, enabled=False):
         return _SampledLinearFunction.apply(x, weight, bias, site)
 
 
