@@ -13,7 +13,7 @@ import sys
 SUBCOMMANDS = {
     "demo": ("vcas.experiments.demo", "compare exact training and VCAS on the built-in default task"),
     "compare": ("vcas.experiments.compare", "fine-tune one model with several methods side by side"),
-    "bench": ("vcas.bench", "time exact and sampled backward passes at fixed keep ratios"),
+    "bench": ("vcas.benchmark", "time exact and sampled backward passes at fixed keep ratios"),
 }
 
 

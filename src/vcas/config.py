@@ -34,6 +34,9 @@ class VCASConfig:
         smoothing: adaptive only: decay of the averages of V_sgd and of the V_act / proxy gain
             across calibrations (0 = use each calibration alone).
         min_weight_ratio: adaptive only: the smallest weight keep ratio the solver may choose.
+        recompute_below: a block whose activation keep ratio is at most this when its forward
+            runs saves no activations and, in the backward, re-runs its forward on the kept
+            samples only and backpropagates through that compact graph (0 turns this off).
     """
 
     tau_act: float = 0.025
@@ -49,6 +52,7 @@ class VCASConfig:
     min_update_every: int | None = None
     smoothing: float = 0.5
     min_weight_ratio: float = 0.05
+    recompute_below: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.tau_act > 0, "tau_act", self.tau_act, "> 0")
@@ -67,6 +71,7 @@ class VCASConfig:
             _check(self.min_update_every <= self.update_every, "min_update_every",
                    self.min_update_every, "at most update_every")
         _check(0 <= self.smoothing < 1, "smoothing", self.smoothing, "in [0, 1)")
+        _check(0 <= self.recompute_below <= 1, "recompute_below", self.recompute_below, "in [0, 1]")
         _check(0 < self.min_weight_ratio <= 1, "min_weight_ratio", self.min_weight_ratio, "in (0, 1]")
 
     @property

@@ -46,6 +46,7 @@ class Controller:
         seed = self.config.seed if self.config.seed is not None else torch.initial_seed() % (2**62)
         self._seed = seed
         self._state = SamplingState(len(block_list), len(linears), seed, rank=_rank())
+        self._state.recompute_below = self.config.recompute_below
         self._installation = Installation(model, plan, self._state,
                                           check_batch_first=check_batch_first)
         self.block_names = [name for name, _ in block_list]

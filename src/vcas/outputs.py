@@ -38,6 +38,32 @@ def find_hidden_state(output: Any) -> torch.Tensor | None:
     return None
 
 
+def iter_tensors(output: Any):
+    """Every tensor in a block's output (tensors, tuples, lists, dicts and ``ModelOutput``)."""
+    if isinstance(output, torch.Tensor):
+        yield output
+    elif isinstance(output, Mapping):
+        for value in output.values():
+            yield from iter_tensors(value)
+    elif isinstance(output, (tuple, list)):
+        for value in output:
+            yield from iter_tensors(value)
+
+
+def replace_tensor(output: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
+    """A copy of a block's output structure with the tensor ``old`` replaced by ``new``."""
+    if output is old:
+        return new
+    if isinstance(output, Mapping):
+        values = {key: replace_tensor(value, old, new) for key, value in output.items()}
+        return values if type(output) is dict else type(output)(**values)
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
+        return type(output)(*(replace_tensor(value, old, new) for value in output))
+    if isinstance(output, (tuple, list)):
+        return type(output)(replace_tensor(value, old, new) for value in output)
+    return output
+
+
 def input_batch_sizes(args: tuple, kwargs: dict[str, Any]) -> set[int]:
     """Dimension-0 sizes of the tensors a model is called with (nested one level in containers).
 

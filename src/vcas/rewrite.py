@@ -17,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from .discovery import Plan
 from .errors import AttachError
 from .ops import BlockSampler, LinearSite
+from .ops.compact import CompactBlock
 from .ops.conv import ConvSite
 from .outputs import check_batch_first, find_hidden_state, input_batch_sizes
 from .state import SamplingState
@@ -24,7 +25,7 @@ from .state import SamplingState
 
 def is_attached(model: nn.Module) -> bool:
     """True if some module of ``model`` already carries a vcas sampled forward."""
-    return any(isinstance(module.__dict__.get("forward"), (LinearSite, ConvSite))
+    return any(isinstance(module.__dict__.get("forward"), (LinearSite, ConvSite, CompactBlock))
                for module in model.modules())
 
 
@@ -42,6 +43,10 @@ class Installation:
                              for i, (name, module, transposed) in enumerate(plan.linears)]
         self.conv_sites = [ConvSite(i, name, module, state)
                            for i, (name, module) in enumerate(plan.convs)]
+        # Blocks whose forward another library already replaced keep it (and the full backward).
+        self.compact_blocks = [CompactBlock(i, name, module, state)
+                               for i, (name, module) in enumerate(plan.blocks)
+                               if state.recompute_below > 0 and "forward" not in module.__dict__]
         self._handles: list[RemovableHandle] = []
         guard = BatchGuard(state)
         if check_batch_first:
@@ -51,14 +56,14 @@ class Installation:
             if check_batch_first:
                 self._handles.append(module.register_forward_hook(guard.checker(name)))
             self._handles.append(module.register_forward_hook(sampler.forward_hook))
-        for site in self.linear_sites + self.conv_sites:
+        for site in self.linear_sites + self.conv_sites + self.compact_blocks:
             site.module.forward = site
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for site in self.linear_sites + self.conv_sites:
+        for site in self.linear_sites + self.conv_sites + self.compact_blocks:
             if site.module.__dict__.get("forward") is site:
                 del site.module.forward
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .accounting import TRAIN, FlopTally
+from .accounting import TRAIN, FlopBucket, FlopTally
 
 
 class SamplingState:
@@ -20,6 +20,13 @@ class SamplingState:
         phase: the accounting bucket FLOPs go to (``"train"`` or ``"calibration"``).
         act_ratios: keep ratio per block, input side first.
         weight_ratios: keep ratio per sampled linear layer.
+        recompute_below: blocks whose keep ratio is at most this recompute compactly
+            (:mod:`vcas.ops.compact`); 0 = never.
+        compact_forward: True while a compact block runs its forward without a graph: the
+            sampled layers then count their forward FLOPs themselves.
+        recompute_scale: while a compact block re-runs its forward in the backward, the batch
+            size over the number of kept samples (else ``None``): re-run FLOPs count as backward
+            work, and the exact-backward reference is scaled back to the whole batch.
     """
 
     def __init__(self, n_blocks: int, n_linears: int, seed: int, rank: int = 0) -> None:
@@ -31,11 +38,26 @@ class SamplingState:
         self.phase = TRAIN
         self.act_ratios = [1.0] * n_blocks
         self.weight_ratios = [1.0] * n_linears
+        self.recompute_below = 0.0
+        self.compact_forward = False
+        self.recompute_scale: float | None = None
         self.tally = FlopTally()
         self.nonfinite_gradients = 0
         self.seed = seed
         self.rank = rank
         self._generators: dict[str, torch.Generator] = {}
+
+    def count_forward(self, flops: float) -> None:
+        bucket = self.tally.bucket(self.phase)
+        if self.recompute_scale is None:
+            bucket.forward += flops
+        else:  # a forward re-run inside the backward is backward work
+            bucket.backward_done += flops
+
+    def count_backward(self, flops: FlopBucket) -> None:
+        if self.recompute_scale is not None:
+            flops.backward_exact *= self.recompute_scale
+        self.tally.bucket(self.phase).add(flops)
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The controller's own generator for ``device``: sampling never touches the user's RNG."""

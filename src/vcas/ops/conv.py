@@ -44,7 +44,10 @@ class ConvSite:
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not (self.state.enabled and torch.is_grad_enabled()):
-            return self.original_forward(*args, **kwargs)
+            out = self.original_forward(*args, **kwargs)
+            if self.state.enabled and self.state.compact_forward:
+                self.state.count_forward(conv_flops(out.shape[1:], self.module.weight) * out.shape[0])
+            return out
         if self.direct:
             m = self.module
             x = args[0] if args else kwargs["input"]
@@ -103,7 +106,7 @@ class _SampledConvFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.geometry, ctx.site, ctx.has_bias = geometry, site, bias is not None
         ctx.per_sample = conv_flops(out.shape[1:], weight)
-        site.state.tally.bucket(site.state.phase).forward += ctx.per_sample * out.shape[0]
+        site.state.count_forward(ctx.per_sample * out.shape[0])
         return out
 
     @staticmethod
@@ -128,7 +131,7 @@ class _SampledConvFunction(torch.autograd.Function):
         products = int(need_x) + int(need_w)
         flops = FlopBucket(backward_exact=ctx.per_sample * grad_out.shape[0] * products,
                            backward_done=ctx.per_sample * n_rows * products)
-        ctx.site.state.tally.bucket(ctx.site.state.phase).add(flops)
+        ctx.site.state.count_backward(flops)
         return grad_x, grad_w, grad_b, None, None
 
 

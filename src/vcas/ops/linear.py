@@ -32,11 +32,16 @@ class LinearSite:
         self.state = state
         self.transposed = transposed
         self.original_forward: Callable[..., torch.Tensor] = type(module).forward.__get__(module)
+        # The autograd function of the sampled op; the benchmark swaps in its naive variant.
+        self.function: type[torch.autograd.Function] = _SampledLinearFunction
         self.recorded_variance: list[float] = []
         self.recorded_scores: list[torch.Tensor] = []
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.state.enabled and torch.is_grad_enabled()):
+            if self.state.enabled and self.state.compact_forward:
+                rows = x.numel() // x.shape[-1] if x.dim() else 1
+                self.state.count_forward(2.0 * rows * self.module.weight.numel())
             return self.original_forward(x)
         weight = self.module.weight
         if self.transposed:
@@ -49,7 +54,7 @@ def sampled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """``F.linear`` whose backward skips zero rows and samples the weight-gradient rows."""
     x, weight, bias = autocast_inputs(x, weight, bias)
     with torch.autocast(x.device.type, enabled=False):
-        return _SampledLinearFunction.apply(x, weight, bias, site)
+        return site.function.apply(x, weight, bias, site)
 
 
 class _SampledLinearFunction(torch.autograd.Function):
@@ -60,7 +65,7 @@ class _SampledLinearFunction(torch.autograd.Function):
         ctx.site = site
         ctx.has_bias = bias is not None
         rows = x.numel() // x.shape[-1] if x.dim() else 1
-        site.state.tally.bucket(site.state.phase).forward += 2.0 * rows * weight.numel()
+        site.state.count_forward(2.0 * rows * weight.numel())
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -92,7 +97,7 @@ class _SampledLinearFunction(torch.autograd.Function):
             grad_w, n_kept = _weight_grad(gy, xs, row_norms, rows, site)
             flops.backward_done += per_row * n_kept
         grad_b = gy.sum(0) if (need_b and ctx.has_bias) else None
-        site.state.tally.bucket(site.state.phase).add(flops)
+        site.state.count_backward(flops)
         return grad_x, grad_w, grad_b, None
 
 

@@ -1,0 +1,86 @@
+"""Summary numbers, table and plot of a ``vcas bench`` run."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .measure import EXACT, FAST, NAIVE, Setting
+
+
+def summarize(settings: list[Setting]) -> dict[str, Any]:
+    """Medians and ratios against the exact setting measured in the same rounds."""
+    exact = next(s for s in settings if s.variant == EXACT)
+    exact_fwd, exact_bwd = statistics.median(exact.forward_s), statistics.median(exact.backward_s)
+    rows = []
+    for s in settings:
+        fwd, bwd = statistics.median(s.forward_s), statistics.median(s.backward_s)
+        flops = s.backward_flops / exact.backward_flops
+        rows.append({"variant": s.variant, "ratio": s.ratio, "forward_ms": 1e3 * fwd,
+                     "backward_ms": 1e3 * bwd, "backward_flops": s.backward_flops,
+                     "forward_flops": s.forward_flops,
+                     "backward_flops_vs_exact": flops, "backward_time_vs_exact": bwd / exact_bwd,
+                     "forward_time_vs_exact": fwd / exact_fwd,
+                     "efficiency": flops * exact_bwd / bwd,
+                     "memory_mb": s.memory_bytes / 2**20})
+    for row in rows:
+        naive = next((r for r in rows if r["variant"] == NAIVE and r["ratio"] == row["ratio"]), None)
+        if row["variant"] == FAST and naive is not None:
+            row["speedup_vs_naive"] = naive["backward_ms"] / row["backward_ms"]
+    at_one = next((r for r in rows if r["variant"] == FAST and r["ratio"] == 1.0), None)
+    overhead = None if at_one is None else {
+        "backward": at_one["backward_time_vs_exact"] - 1, "forward": at_one["forward_time_vs_exact"] - 1}
+    return {"rows": rows, "overhead_at_ratio_1": overhead}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{result['workload']} ({result['device']}, {result['dtype']}, "
+             f"{result['threads']} threads, medians of {result['repeats']} rounds)", "",
+             "| variant | act = weight | bwd FLOPs / exact | bwd time / exact | efficiency "
+             "| vs naive | fwd ms | bwd ms | fwd / exact | activation MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ratio = "-" if r["variant"] == EXACT else f"{r['ratio']:g}"
+        speed = f"{r['speedup_vs_naive']:.2f}x" if "speedup_vs_naive" in r else "-"
+        lines.append(f"| {r['variant']} | {ratio} | {r['backward_flops_vs_exact']:.3f} "
+                     f"| {r['backward_time_vs_exact']:.3f} | {r['efficiency']:.2f} | {speed} "
+                     f"| {r['forward_ms']:.0f} | {r['backward_ms']:.0f} | {r['forward_time_vs_exact']:.3f} "
+                     f"| {r['memory_mb']:.0f} |")
+    overhead = result.get("overhead_at_ratio_1")
+    if overhead:
+        lines += ["", f"overhead at ratio 1: backward {100 * overhead['backward']:+.1f} %, "
+                      f"forward {100 * overhead['forward']:+.1f} % (against plain PyTorch)"]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """Backward time against keep ratio: exact, ideal, naive and vcas. False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = result["rows"]
+    exact = next(r for r in rows if r["variant"] == EXACT)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant, style in ((NAIVE, "s--"), (FAST, "o-")):
+        points = sorted((r["ratio"], r["backward_ms"], r["backward_flops_vs_exact"]) for r in rows
+                        if r["variant"] == variant)
+        if not points:
+            continue
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=f"{variant} (measured)")
+        if variant == FAST:
+            ax.plot([p[0] for p in points], [p[2] * exact["backward_ms"] for p in points], "k:",
+                    label="vcas ideal (FLOPs ratio x exact)")
+    ax.axhline(exact["backward_ms"], color="grey", label="exact")
+    ax.set_xlabel("keep ratio (act = weight)")
+    ax.set_ylabel("backward time per step (ms, median)")
+    ax.set_title(result["workload"], fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,315 @@
+"""Compact recompute: a block with a low keep ratio backpropagates through its kept samples only.
+
+When a block's activation keep ratio is low at the time its forward runs, most samples will
+arrive in its backward with an exactly zero gradient, and every op of the block (attention
+products, softmax, normalisation, activations, dropout) would still work on full-size tensors.
+Such a block instead runs its forward without building a graph (so it saves no activations),
+and in the backward re-runs its forward on the samples whose gradient is non-zero and
+backpropagates through that compact graph. The gradient is the same as the full backward's:
+dropout masks drawn in the forward are replayed for the kept samples, and the block must treat
+samples independently (no BatchNorm in training mode), which is checked once per block by
+comparing a compact re-run with the forward's own output.
+
+The re-run forward is extra work (counted as backward FLOPs); it pays where the ratio is low.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..accounting import TRAIN
+from ..outputs import find_hidden_state, iter_tensors, replace_tensor
+from ..state import SamplingState
+from .activation import per_sample_norms
+
+logger = logging.getLogger("vcas")
+
+# Random ops a re-run cannot replay: a block that calls them is never recomputed.
+_UNREPLAYABLE = {torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint,
+                 torch.randint_like, torch.bernoulli, torch.multinomial, torch.normal,
+                 torch.randperm, torch.Tensor.bernoulli_, torch.Tensor.uniform_,
+                 torch.Tensor.normal_, torch.Tensor.random_, torch.Tensor.exponential_,
+                 F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                 F.feature_alpha_dropout, F.rrelu}
+_TENSOR = object()  # stands for a tensor input in the re-run's copy of the arguments
+_SAFE_LEAVES = (torch.Tensor, type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+class DropoutReplay(TorchFunctionMode):
+    """Draws the masks of ``F.dropout`` in a forward and replays them, for any subset of the
+    samples, in a re-run. Flags the use of random ops it cannot replay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masks: list[torch.Tensor] = []
+        self.unreplayable: str | None = None
+        self._replay: tuple[torch.Tensor | None, int] | None = None
+        self._position = 0
+
+    def replaying(self, kept: torch.Tensor | None, batch: int) -> "DropoutReplay":
+        self._replay, self._position = (kept, batch), 0
+        return self
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.dropout:
+            return self._dropout(*args, **kwargs)
+        if func in _UNREPLAYABLE or (func is F.scaled_dot_product_attention
+                                     and (kwargs.get("dropout_p") or (args[4] if len(args) > 4 else 0))):
+            self.unreplayable = getattr(func, "__name__", str(func))
+        return func(*args, **kwargs)
+
+    def _dropout(self, input: torch.Tensor, p: float = 0.5, training: bool = True,
+                 inplace: bool = False) -> torch.Tensor:
+        if not training or p == 0:
+            return input
+        if self._replay is None:  # the forward: PyTorch's own dropout kernel, which returns its mask
+            output, mask = torch.native_dropout(input, p, True)
+            self.masks.append(mask)
+            return input.copy_(output) if inplace else output
+        scale = 0.0 if p == 1 else 1.0 / (1 - p)
+        return input * self._replayed_mask(input).to(input.dtype).mul_(scale)
+
+    def _replayed_mask(self, input: torch.Tensor) -> torch.Tensor:
+        kept, batch = self._replay
+        if self._position >= len(self.masks):
+            raise _ReplayMismatch("the re-run calls dropout more often than the forward did")
+        mask = self.masks[self._position]
+        self._position += 1
+        if kept is not None and mask.dim() > 0 and mask.shape[0] == batch:
+            mask = mask.index_select(0, kept)
+        if mask.shape != input.shape:
+            raise _ReplayMismatch(f"dropout mask {tuple(mask.shape)} for input {tuple(input.shape)}")
+        return mask
+
+
+class _ReplayMismatch(RuntimeError):
+    pass
+
+
+class _RngState:
+    """The global RNG state (CPU and the inputs' CUDA devices), to draw the same numbers again."""
+
+    def __init__(self, flat: list) -> None:
+        self.cpu = torch.get_rng_state()
+        devices = {leaf.device for leaf in flat if isinstance(leaf, torch.Tensor) and leaf.is_cuda}
+        self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices}
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for device, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, device)
+
+
+class CompactBlock:
+    """A block's ``forward`` that recomputes compactly when its keep ratio is low."""
+
+    def __init__(self, index: int, name: str, module: nn.Module, state: SamplingState) -> None:
+        self.index = index
+        self.name = name
+        self.module = module
+        self.state = state
+        self.original_forward: Callable[..., Any] = type(module).forward.__get__(module)
+        # None until the first compact forward has been checked against the full one.
+        self.verified: bool | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._wanted():
+            return self.original_forward(*args, **kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        if not all(isinstance(leaf, _SAFE_LEAVES) for leaf in flat):
+            return self._refuse("its inputs hold objects other than tensors and numbers", args, kwargs)
+        replay = DropoutReplay()
+        rng = _RngState(flat)
+        self.state.compact_forward = True
+        try:
+            with torch.no_grad(), replay:
+                output = self.original_forward(*args, **kwargs)
+        finally:
+            self.state.compact_forward = False
+        hidden = find_hidden_state(output)
+        reason = self._ineligible(output, hidden, flat, replay)
+        if reason is None and self.verified is None:
+            reason = self._verify(flat, spec, hidden, replay)
+        if reason is not None:
+            # Run the block as usual instead, drawing the same random numbers again.
+            rng.restore()
+            return self._refuse(reason, args, kwargs)
+        self.verified = True
+        return self._attach_backward(output, hidden, flat, spec, replay)
+
+    def _wanted(self) -> bool:
+        state = self.state
+        ratio = state.act_ratios[self.index]
+        return (state.enabled and torch.is_grad_enabled() and state.sample_acts
+                and state.phase == TRAIN and state.recompute_scale is None
+                and self.verified is not False and ratio <= state.recompute_below
+                and not torch.compiler.is_compiling())
+
+    def _refuse(self, reason: str, args: tuple, kwargs: dict) -> Any:
+        self.verified = False
+        logger.warning("vcas: block %r is backpropagated in full, not recomputed compactly: %s",
+                       self.name, reason)
+        return self.original_forward(*args, **kwargs)
+
+    def _ineligible(self, output: Any, hidden: torch.Tensor | None, flat: list,
+                    replay: DropoutReplay) -> str | None:
+        if hidden is None or hidden.dim() == 0:
+            return "it returns no batch-first hidden state"
+        if replay.unreplayable:
+            return f"it draws random numbers with {replay.unreplayable}, which a re-run cannot replay"
+        if any(isinstance(m, _BatchNorm) and m.training for m in self.module.modules()):
+            return "it holds a BatchNorm in training mode, which mixes the samples"
+        inputs = {id(leaf) for leaf in flat if isinstance(leaf, torch.Tensor)}
+        for leaf in iter_tensors(output):
+            if leaf is not hidden and id(leaf) not in inputs and leaf.is_floating_point():
+                return "it returns a second floating-point tensor besides its hidden state"
+        return None
+
+    def _verify(self, flat: list, spec: Any, hidden: torch.Tensor, replay: DropoutReplay) -> str | None:
+        """Re-run on every other sample and compare with the forward's output once."""
+        batch = hidden.shape[0]
+        kept = torch.arange(0, batch, 2, device=hidden.device)
+        try:
+            with torch.no_grad():
+                rerun = self._rerun(flat, spec, kept, batch, replay)
+        except _ReplayMismatch as error:
+            return f"a compact re-run differs from the forward ({error})"
+        expected = hidden.index_select(0, kept)
+        if rerun is None or rerun.shape != expected.shape:
+            return "a compact re-run returns a hidden state of another shape"
+        tolerance = 1e-2 if hidden.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        if not torch.allclose(rerun.float(), expected.float(), rtol=tolerance, atol=tolerance * scale):
+            return "a compact re-run on some samples differs from the forward on those samples"
+        return None
+
+    def _rerun(self, flat: list, spec: Any, kept: torch.Tensor | None, batch: int,
+               replay: DropoutReplay) -> torch.Tensor | None:
+        leaves = [_select(leaf, kept, batch) for leaf in flat]
+        args, kwargs = tree_unflatten(leaves, spec)
+        with replay.replaying(kept, batch):
+            output = self.original_forward(*args, **kwargs)
+        return find_hidden_state(output)
+
+    def _attach_backward(self, output: Any, hidden: torch.Tensor, flat: list, spec: Any,
+                         replay: DropoutReplay) -> Any:
+        tensors = [leaf for leaf in flat if isinstance(leaf, torch.Tensor)]
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        device = hidden.device.type
+        context = _RerunContext(self, flat, spec, replay, hidden,
+                                torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        new_hidden = _CompactFunction.apply(context, *tensors, *params)
+        return replace_tensor(output, hidden, new_hidden)
+
+
+class _RerunContext:
+    """What the backward needs to re-run one block's forward on the kept samples."""
+
+    def __init__(self, block: CompactBlock, flat: list, spec: Any, replay: DropoutReplay,
+                 hidden: torch.Tensor, autocast: bool, autocast_dtype: torch.dtype) -> None:
+        self.block, self.spec, self.replay = block, spec, replay
+        # Tensors are passed to the autograd function (and saved there); here only placeholders.
+        self.flat = [_TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in flat]
+        self.hidden: torch.Tensor | None = hidden
+        self.autocast, self.autocast_dtype = autocast, autocast_dtype
+        self.n_tensors = sum(isinstance(leaf, torch.Tensor) for leaf in flat)
+
+
+class _CompactFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, context: _RerunContext, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.context = context
+        ctx.takes_keep_weights, ctx.keep_weights = True, None  # set by the block's sampler hook
+        ctx.save_for_backward(*tensors)
+        hidden, context.hidden = context.hidden, None  # no reference cycle through the output
+        return hidden
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        context: _RerunContext = ctx.context
+        saved = ctx.saved_tensors
+        inputs, params = saved[:context.n_tensors], saved[context.n_tensors:]
+        needs = ctx.needs_input_grad[1:]
+        batch = grad.shape[0]
+        weights, ctx.keep_weights = ctx.keep_weights, None
+        if weights is None:
+            kept = _kept_samples(grad, context.block.state)
+        else:
+            kept = torch.nonzero(weights).squeeze(1)
+        if kept is not None and kept.numel() == 0:
+            return (None, *(torch.zeros_like(t) if need else None for t, need in zip(inputs, needs)),
+                    *(None for _ in params))
+        leaves = _fill(context.flat, inputs)
+        compact = [_select(leaf, kept, batch) if isinstance(leaf, torch.Tensor) else leaf
+                   for leaf in leaves]
+        positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        wanted = [i for i, need in zip(positions, needs) if need and leaves[i].is_floating_point()]
+        for i in wanted:
+            compact[i] = compact[i].detach().requires_grad_()
+        state = context.block.state
+        state.recompute_scale = batch / (batch if kept is None else kept.numel())
+        try:
+            with torch.enable_grad(), torch.autocast(grad.device.type, dtype=context.autocast_dtype,
+                                                     enabled=context.autocast):
+                args, kwargs = tree_unflatten(compact, context.spec)
+                with context.replay.replaying(kept, batch):
+                    hidden = find_hidden_state(context.block.original_forward(*args, **kwargs))
+                grad_kept = grad if kept is None else grad.index_select(0, kept)
+                if weights is not None:
+                    shape = (-1,) + (1,) * (grad.dim() - 1)
+                    grad_kept = grad_kept * weights.index_select(0, kept).to(grad.dtype).view(shape)
+                targets = [compact[i] for i in wanted] + [p for p, need in zip(params, needs[len(inputs):]) if need]
+                grads = torch.autograd.grad(hidden, targets, grad_kept.to(hidden.dtype), allow_unused=True)
+        finally:
+            state.recompute_scale = None
+        return (None, *_input_grads(inputs, leaves, wanted, grads, kept, batch),
+                *_param_grads(params, needs[len(inputs):], grads[len(wanted):]))
+
+
+def _kept_samples(grad: torch.Tensor, state: SamplingState) -> torch.Tensor | None:
+    """Indices of samples with a non-zero gradient (None: all, or a non-finite gradient)."""
+    norms = per_sample_norms(grad)
+    if not bool(torch.isfinite(norms).all()):
+        state.nonfinite_gradients += 1
+        return None
+    nonzero = norms > 0
+    return None if bool(nonzero.all()) else torch.nonzero(nonzero).squeeze(1)
+
+
+def _select(leaf: Any, kept: torch.Tensor | None, batch: int) -> Any:
+    if kept is None or not isinstance(leaf, torch.Tensor) or leaf.dim() == 0 or leaf.shape[0] != batch:
+        return leaf
+    return leaf.index_select(0, kept)
+
+
+def _fill(flat: list, tensors: tuple[torch.Tensor, ...]) -> list:
+    it = iter(tensors)
+    return [next(it) if leaf is _TENSOR else leaf for leaf in flat]
+
+
+def _input_grads(inputs: tuple, leaves: list, wanted: list[int], grads: tuple,
+                 kept: torch.Tensor | None, batch: int) -> list[torch.Tensor | None]:
+    """The gradient of each tensor input, scattered back to the whole batch."""
+    by_leaf = dict(zip(wanted, grads))
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    result = []
+    for tensor, position in zip(inputs, positions):
+        g = by_leaf.get(position)
+        if g is not None and kept is not None and g.shape[0] != tensor.shape[0]:
+            g = tensor.new_zeros(tensor.shape, dtype=g.dtype).index_copy_(0, kept, g)
+        result.append(None if g is None else g.to(tensor.dtype))
+    return result
+
+
+def _param_grads(params: tuple, needs: tuple, grads: tuple) -> list[torch.Tensor | None]:
+    it = iter(grads)
+    return [next(it) if need else None for _, need in zip(params, needs)]

@@ -1,0 +1,191 @@
+"""Compact recompute (vcas.ops.compact): the same gradients as the full sampled backward,
+unbiased, honest FLOPs, and a clean fallback for blocks it cannot recompute."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vcas
+from models import TinyCNN, TinyTransformer, image_batch, token_batch
+from stats import bias_statistics, sampled_gradients
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _pair(model, act=0.5, weight=0.5, recompute_below=1.0, **attach_kwargs):
+    """The model with the full sampled backward and a copy that recomputes compactly."""
+    full, compact = model, copy.deepcopy(model)
+    ctl_full = vcas.attach(full, vcas.VCASConfig(seed=0), **attach_kwargs)
+    ctl_compact = vcas.attach(compact, vcas.VCASConfig(seed=0, recompute_below=recompute_below),
+                              **attach_kwargs)
+    for ctl in (ctl_full, ctl_compact):
+        ctl.set_ratios(act=act, weight=weight)
+    return (full, ctl_full), (compact, ctl_compact)
+
+
+def _grads(model, loss_of, seed=1):
+    torch.manual_seed(seed)  # the same dropout masks in both models
+    model.zero_grad(set_to_none=True)
+    loss_of(model).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(a, b, rtol=1e-4):
+    assert a.keys() == b.keys()
+    floor = max(float(g.abs().max()) for g in a.values()) * 1e-6  # gradients that are 0 in exact math
+    for name in a:
+        scale = float(a[name].abs().max())
+        assert float((a[name] - b[name]).abs().max()) <= rtol * scale + floor, name
+
+
+def test_same_gradients_as_the_full_sampled_backward_with_dropout():
+    torch.manual_seed(0)
+    model = TinyTransformer(depth=3, dropout=0.2).train()
+    tokens, labels = token_batch(n=8, t=6)
+    (full, ctl_full), (compact, ctl_compact) = _pair(model)
+    loss_of = lambda m: F.cross_entropy(m(tokens), labels)
+    for _ in range(3):  # the sampler draws in the same order in both: identical gradients
+        _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
+    assert all(b.verified for b in ctl_compact._installation.compact_blocks)
+    # Forward FLOPs and the exact-backward reference agree; the re-run adds backward work.
+    f, c = ctl_full.flops.train, ctl_compact.flops.train
+    assert c.forward == pytest.approx(f.forward)
+    assert c.backward_exact == pytest.approx(f.backward_exact)
+    assert c.backward_done > f.backward_done
+
+
+def test_hf_bert_with_dropout_and_attention_mask():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, vocab_size=100, num_labels=3,
+                                     attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).train()
+    ids = torch.randint(1, 100, (6, 10))
+    mask = torch.ones(6, 10, dtype=torch.long)
+    mask[:3, 7:] = 0  # padding
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    (full, _), (compact, ctl) = _pair(model, act=0.5, weight=0.5)
+    loss_of = lambda m: m(input_ids=ids, attention_mask=mask, labels=labels).loss
+    _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
+    assert all(b.verified for b in ctl._installation.compact_blocks)
+
+
+def test_compact_recompute_is_unbiased():
+    torch.manual_seed(0)
+    model = TinyTransformer(depth=3)
+    tokens, labels = token_batch(n=8, t=6)
+    reference = copy.deepcopy(model)
+    params = [p for p in reference.parameters()]
+    exact = [g.detach() for g in torch.autograd.grad(F.cross_entropy(reference(tokens), labels), params)]
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0, recompute_below=1.0))
+    ctl.set_ratios(act=0.25, weight=0.5)
+    samples = sampled_gradients(model, F.cross_entropy(model(tokens), labels), 300)
+    stats = bias_statistics(samples, exact)
+    assert stats["deterministic_mismatches"] == 0, stats
+    assert stats["mean_energy"] < 2.0, stats
+    assert stats["max_abs_z"] < 4.5, stats
+
+
+def test_above_the_threshold_the_block_runs_as_usual():
+    torch.manual_seed(0)
+    model = TinyTransformer(depth=2)
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0, recompute_below=0.3))
+    ctl.set_ratios(act=0.5, weight=1.0)
+    tokens, labels = token_batch(n=8, t=6)
+    F.cross_entropy(model(tokens), labels).backward()
+    assert all(b.verified is None for b in ctl._installation.compact_blocks)
+
+
+class _DropPath(nn.Module):
+    """Stochastic depth with torch.rand: randomness a re-run cannot replay."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        keep = (torch.rand(x.shape[0], 1, 1) > 0.2).to(x.dtype)
+        return x + self.fc(x) * keep
+
+
+class _TwoOutputs(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y, y.mean()  # a second differentiable output
+
+
+class _Stack(nn.Module):
+    def __init__(self, block, dim=8, depth=2):
+        super().__init__()
+        self.blocks = nn.ModuleList([block(dim) for _ in range(depth)])
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        extra = 0.0
+        for block in self.blocks:
+            out = block(x)
+            x, extra = (out[0], extra + out[1]) if isinstance(out, tuple) else (out, extra)
+        return self.head(x.mean(1)) + extra
+
+
+@pytest.mark.parametrize("block, reason", [(_DropPath, "random numbers with rand"), (_TwoOutputs, "second floating-point")])
+def test_blocks_it_cannot_recompute_fall_back_with_a_warning(block, reason, caplog):
+    torch.manual_seed(0)
+    model = _Stack(block)
+    x, labels = torch.randn(6, 5, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    (full, _), (compact, ctl) = _pair(model, act=0.5, weight=1.0)
+    loss_of = lambda m: F.cross_entropy(m(x), labels)
+    with caplog.at_level(logging.WARNING, logger="vcas"):
+        _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
+    assert reason in caplog.text
+    assert all(b.verified is False for b in ctl._installation.compact_blocks)
+
+
+def test_batchnorm_in_training_mode_falls_back_and_frozen_batchnorm_recomputes():
+    torch.manual_seed(0)
+    model = TinyCNN(depth=2)
+    images, labels = image_batch(n=6)
+    loss_of = lambda m: F.cross_entropy(m(images), labels)
+    (full, _), (compact, ctl) = _pair(copy.deepcopy(model).train(), act=0.5, weight=1.0)
+    _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
+    assert all(b.verified is False for b in ctl._installation.compact_blocks)
+
+    (full, _), (compact, ctl) = _pair(copy.deepcopy(model).eval(), act=0.5, weight=1.0)
+    _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
+    assert all(b.verified for b in ctl._installation.compact_blocks)
+
+
+def test_bf16_autocast_matches_the_full_backward():
+    torch.manual_seed(0)
+    model = TinyTransformer(depth=2)
+    tokens, labels = token_batch(n=8, t=6)
+    (full, _), (compact, _) = _pair(model)
+
+    def loss_of(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.cross_entropy(m(tokens), labels)
+    _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of), rtol=2e-2)
+
+
+def test_nothing_kept_and_detach_restores_the_blocks():
+    torch.manual_seed(0)
+    model = TinyTransformer(depth=2)
+    tokens, labels = token_batch(n=1, t=4)
+    before = {name: dict(m.__dict__) for name, m in model.named_modules()}
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0, recompute_below=1.0))
+    ctl.set_ratios(act=0.5, weight=0.5)
+    # A loss that does not depend on the blocks' output: every block receives a zero gradient.
+    (model(tokens).sum() * 0).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.blocks.parameters())
+    ctl.detach()
+    assert {name: dict(m.__dict__).keys() for name, m in model.named_modules()} == \
+        {name: d.keys() for name, d in before.items()}
