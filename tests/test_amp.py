@@ -102,7 +102,9 @@ def test_torch_compile_works_with_vcas_attached():
         x, y = token_batch(n=16)
         F.cross_entropy(compiled(x), y).backward()
         F.cross_entropy(twin(x), y).backward()
-        assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), twin.parameters()))
+        # Eager blocks recompute compactly (tracing keeps the full backward): equal up to rounding.
+        assert all(torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-8)
+                   for a, b in zip(model.parameters(), twin.parameters()))
         assert ctl.stats()["bp_flops_reduction"] == eager.stats()["bp_flops_reduction"] > 0
         ctl.calibrate(lambda b: F.cross_entropy(compiled(b[0]), b[1]),
                       [token_batch(n=16, seed=s) for s in (1, 2)])

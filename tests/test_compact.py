@@ -51,11 +51,10 @@ def test_same_gradients_as_the_full_sampled_backward_with_dropout():
     for _ in range(3):  # the sampler draws in the same order in both: identical gradients
         _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
     assert all(b.verified for b in ctl_compact._installation.compact_blocks)
-    # Forward FLOPs and the exact-backward reference agree; the re-run adds backward work.
+    # The same FLOPs in the sampled layers: the re-run reuses the linear outputs of the forward.
     f, c = ctl_full.flops.train, ctl_compact.flops.train
-    assert c.forward == pytest.approx(f.forward)
-    assert c.backward_exact == pytest.approx(f.backward_exact)
-    assert c.backward_done > f.backward_done
+    assert (c.forward, c.backward_exact, c.backward_done) == pytest.approx(
+        (f.forward, f.backward_exact, f.backward_done))
 
 
 def test_hf_bert_with_dropout_and_attention_mask():
@@ -189,3 +188,20 @@ def test_nothing_kept_and_detach_restores_the_blocks():
     ctl.detach()
     assert {name: dict(m.__dict__).keys() for name, m in model.named_modules()} == \
         {name: d.keys() for name, d in before.items()}
+
+
+def test_flop_counter_mode_over_the_forward_turns_recompute_off_and_over_the_backward_only_fails_clearly():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = TinyTransformer(depth=2)
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0, recompute_below=1.0))
+    ctl.set_ratios(act=0.5, weight=0.5)
+    tokens, labels = token_batch(n=8, t=6)
+    with FlopCounterMode(display=False):
+        F.cross_entropy(model(tokens), labels).backward()
+    assert all(b.verified is None for b in ctl._installation.compact_blocks)
+    loss = F.cross_entropy(model(tokens), labels)
+    with pytest.raises(RuntimeError, match="enter FlopCounterMode before the forward"):
+        with FlopCounterMode(display=False):
+            loss.backward()

@@ -78,11 +78,13 @@ def test_negative_control_skipping_rows_after_batchnorm_is_caught(monkeypatch):
     original = vcas.ops.linear._input_grad
     kept_rows = {}
 
-    def input_grad_assuming_zero_rows(gy, weight, rows):
-        key = gy.shape[0]
-        if key not in kept_rows:
-            kept_rows[key] = torch.arange(0, gy.shape[0], 2)  # pretend half the rows were dropped
-        return original(gy, weight, kept_rows[key])
+    def input_grad_assuming_zero_rows(g_rows, weight, rows, n_rows):
+        if rows is not None:
+            return original(g_rows, weight, rows, n_rows)
+        if n_rows not in kept_rows:
+            kept_rows[n_rows] = torch.arange(0, n_rows, 2)  # pretend half the rows were dropped
+        kept = kept_rows[n_rows]
+        return original(g_rows.index_select(0, kept), weight, kept, n_rows)
 
     monkeypatch.setattr(vcas.ops.linear, "_input_grad", input_grad_assuming_zero_rows)
     stats = _check(*_cnn_case(), act=1.0, weight=1.0)

@@ -35,8 +35,10 @@ class VCASConfig:
             across calibrations (0 = use each calibration alone).
         min_weight_ratio: adaptive only: the smallest weight keep ratio the solver may choose.
         recompute_below: a block whose activation keep ratio is at most this when its forward
-            runs saves no activations and, in the backward, re-runs its forward on the kept
-            samples only and backpropagates through that compact graph (0 turns this off).
+            runs keeps only its linear outputs and dropout masks instead of all activations and,
+            in the backward, re-runs its element-wise ops on the kept samples only and
+            backpropagates through that compact graph (:mod:`vcas.ops.compact`; 0 turns this
+            off). The default 0.5 is where it beat the full-size backward in ``vcas bench``.
     """
 
     tau_act: float = 0.025
@@ -52,7 +54,7 @@ class VCASConfig:
     min_update_every: int | None = None
     smoothing: float = 0.5
     min_weight_ratio: float = 0.05
-    recompute_below: float = 0.0
+    recompute_below: float = 0.5
 
     def __post_init__(self) -> None:
         _check(self.tau_act > 0, "tau_act", self.tau_act, "> 0")

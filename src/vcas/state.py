@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .accounting import TRAIN, FlopBucket, FlopTally
@@ -22,8 +24,8 @@ class SamplingState:
         weight_ratios: keep ratio per sampled linear layer.
         recompute_below: blocks whose keep ratio is at most this recompute compactly
             (:mod:`vcas.ops.compact`); 0 = never.
-        compact_forward: True while a compact block runs its forward without a graph: the
-            sampled layers then count their forward FLOPs themselves.
+        replay: while a compact block runs its forward without a graph (``replay.recording``)
+            or re-runs it in the backward, its :class:`~vcas.ops.compact.ForwardReplay`.
         recompute_scale: while a compact block re-runs its forward in the backward, the batch
             size over the number of kept samples (else ``None``): re-run FLOPs count as backward
             work, and the exact-backward reference is scaled back to the whole batch.
@@ -39,7 +41,7 @@ class SamplingState:
         self.act_ratios = [1.0] * n_blocks
         self.weight_ratios = [1.0] * n_linears
         self.recompute_below = 0.0
-        self.compact_forward = False
+        self.replay: Any = None
         self.recompute_scale: float | None = None
         self.tally = FlopTally()
         self.nonfinite_gradients = 0

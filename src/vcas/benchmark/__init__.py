@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..config import VCASConfig
-from .measure import EXACT, FAST, NAIVE, Setting, run_benchmark
+from .measure import VARIANTS, run_benchmark
 from .presets import PRESETS, build_from_config, build_preset
 from .report import format_table, plot, summarize
 
@@ -36,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, help="number of blocks (default: the preset's)")
     parser.add_argument("--ratios", default="1,0.5,0.25,0.1",
                         help="comma-separated keep ratios, act = weight (default: 1,0.5,0.25,0.1)")
+    parser.add_argument("--variants", default="naive,vcas",
+                        help=f"sampled variants to time beside exact, from {','.join(VARIANTS)} "
+                        "(default: naive,vcas)")
+    parser.add_argument("--flop-draws", type=int, default=5,
+                        help="sampled steps whose FLOPs are averaged per setting (default: 5)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds; medians are reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per setting first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -58,6 +63,9 @@ def _ratios(text: str) -> list[float]:
 
 def run(args: argparse.Namespace) -> int:
     ratios = _ratios(args.ratios)
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if not variants or set(variants) - set(VARIANTS):
+        raise SystemExit(f"vcas bench: --variants {args.variants!r} must name some of {', '.join(VARIANTS)}")
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("vcas bench: --repeats must be >= 1 and --warmup >= 0")
     device = torch.device(args.device)
@@ -72,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"vcas bench: {workload.name} on {device} ({'bf16 autocast' if dtype else 'fp32'}), "
           f"ratios {ratios}, {args.repeats} rounds", file=sys.stderr)
     settings = run_benchmark(workload, ratios, config, repeats=args.repeats, warmup=args.warmup,
-                             dtype=dtype, progress=lambda m: print(f"  {m}", file=sys.stderr))
+                             dtype=dtype, variants=variants, flop_draws=args.flop_draws, progress=lambda m: print(f"  {m}", file=sys.stderr))
     summary = summarize(settings)
     result = {"workload": workload.name, "description": workload.description,
               "device": str(device), "dtype": "bf16" if dtype else "fp32",

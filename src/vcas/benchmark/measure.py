@@ -18,7 +18,8 @@ from ..controller import Controller, attach
 from .naive import NaiveSampledLinear
 from .presets import Workload
 
-EXACT, NAIVE, FAST = "exact", "naive", "vcas"
+EXACT, NAIVE, FAST, FULL = "exact", "naive", "vcas", "vcas-no-recompute"
+VARIANTS = (NAIVE, FAST, FULL)
 
 
 @dataclasses.dataclass
@@ -50,7 +51,7 @@ def make_settings(workload: Workload, ratios: list[float], config: VCASConfig,
     settings = [Setting(EXACT, 1.0, workload.model)]
     for variant in variants:
         model = copy.deepcopy(workload.model)
-        cfg = dataclasses.replace(config, recompute_below=0.0) if variant == NAIVE else config
+        cfg = config if variant == FAST else dataclasses.replace(config, recompute_below=0.0)
         controller = attach(model, cfg)
         if variant == NAIVE:
             for site in controller._installation.linear_sites:
@@ -186,8 +187,10 @@ def rounds(settings: list[Setting], repeats: int) -> Iterator[list[Setting]]:
 
 def run_benchmark(workload: Workload, ratios: list[float], config: VCASConfig, *,
                   repeats: int, warmup: int, dtype: torch.dtype | None, flop_draws: int = 3,
+                  variants: tuple[str, ...] = (NAIVE, FAST),
                   progress: Callable[[str], None] = lambda _: None) -> list[Setting]:
-    settings = make_settings(workload, ratios, config)
+    """Time every setting in interleaved rounds; FLOPs and memory are measured in separate steps."""
+    settings = make_settings(workload, ratios, config, variants)
     clock = Clock(clock_device(workload))
     for setting in settings:
         progress(f"counting {setting.label}")

@@ -21,7 +21,7 @@ from ..sampling import bernoulli_weights, capped_proportional_probs
 class NaiveSampledLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                site: LinearSite) -> torch.Tensor:
+                site: LinearSite, recorded: torch.Tensor | None = None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.site, ctx.has_bias = site, bias is not None
         rows = x.numel() // x.shape[-1]
@@ -54,4 +54,4 @@ class NaiveSampledLinear(torch.autograd.Function):
         site.state.count_backward(FlopBucket(
             backward_exact=2 * per_row * gy.shape[0],
             backward_done=per_row * (rows.numel() + g.shape[0])))
-        return grad_x.reshape(x.shape), grad_w, grad_b, None
+        return grad_x.reshape(x.shape), grad_w, grad_b, None, None

@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .measure import EXACT, FAST, NAIVE, Setting
+from .measure import EXACT, FAST, FULL, NAIVE, Setting
 
 
 def summarize(settings: list[Setting]) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def summarize(settings: list[Setting]) -> dict[str, Any]:
                      "memory_mb": s.memory_bytes / 2**20})
     for row in rows:
         naive = next((r for r in rows if r["variant"] == NAIVE and r["ratio"] == row["ratio"]), None)
-        if row["variant"] == FAST and naive is not None:
+        if row["variant"] in (FAST, FULL) and naive is not None:
             row["speedup_vs_naive"] = naive["backward_ms"] / row["backward_ms"]
     at_one = next((r for r in rows if r["variant"] == FAST and r["ratio"] == 1.0), None)
     overhead = None if at_one is None else {
@@ -65,7 +65,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     rows = result["rows"]
     exact = next(r for r in rows if r["variant"] == EXACT)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for variant, style in ((NAIVE, "s--"), (FAST, "o-")):
+    for variant, style in ((NAIVE, "s--"), (FULL, "^-."), (FAST, "o-")):
         points = sorted((r["ratio"], r["backward_ms"], r["backward_flops_vs_exact"]) for r in rows
                         if r["variant"] == variant)
         if not points:

@@ -6,7 +6,6 @@ can be backpropagated exactly, then with sampling (the calibration does this wit
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -44,11 +43,9 @@ class BlockSampler:
             raise RuntimeError(
                 f"vcas: block {self.name!r} returned a scalar hidden state; activation sampling "
                 "needs a batch-first tensor. Name other blocks with attach(..., blocks=[...]).")
-        # A compact block (vcas.ops.compact) applies the keep weights to its kept samples itself.
-        node = hidden.grad_fn if getattr(hidden.grad_fn, "takes_keep_weights", False) else None
-        hidden.register_hook(functools.partial(self.sample_gradient, compact_node=node))
+        hidden.register_hook(self.sample_gradient)
 
-    def sample_gradient(self, grad: torch.Tensor, compact_node: Any = None) -> torch.Tensor | None:
+    def sample_gradient(self, grad: torch.Tensor) -> torch.Tensor | None:
         state = self.state
         if not state.enabled or grad is None:
             return None
@@ -65,7 +62,4 @@ class BlockSampler:
             return None
         probs = capped_proportional_probs(norms, ratio * grad.shape[0])
         weights = bernoulli_weights(probs, state.generator(grad.device))
-        if compact_node is not None:
-            compact_node.keep_weights = weights
-            return None
         return grad * weights.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..accounting import TRAIN
 from ..outputs import find_hidden_state, iter_tensors, replace_tensor
@@ -43,20 +45,37 @@ _TENSOR = object()  # stands for a tensor input in the re-run's copy of the argu
 _SAFE_LEAVES = (torch.Tensor, type(None), bool, int, float, str, torch.dtype, torch.device)
 
 
-class DropoutReplay(TorchFunctionMode):
-    """Draws the masks of ``F.dropout`` in a forward and replays them, for any subset of the
-    samples, in a re-run. Flags the use of random ops it cannot replay."""
+class ForwardReplay(TorchFunctionMode):
+    """Records a block's forward (dropout masks, sampled-linear outputs) and replays it for any
+    subset of the samples in a re-run. Flags the use of random ops it cannot replay.
 
-    def __init__(self) -> None:
+    Replaying the outputs of the sampled layers (gathered for the kept samples) spares the
+    re-run its matrix products and convolutions: only the cheap element-wise ops run again, and
+    the layers' backward still gets the re-run inputs it needs for the weight gradient.
+    """
+
+    def __init__(self, state: SamplingState) -> None:
         super().__init__()
+        self.state = state
         self.masks: list[torch.Tensor] = []
+        self.linear_outputs: list[torch.Tensor] = []
         self.unreplayable: str | None = None
-        self._replay: tuple[torch.Tensor | None, int] | None = None
-        self._position = 0
+        self.recording = True
+        self._kept: torch.Tensor | None = None
+        self._batch = 0
+        self._positions = [0, 0]
 
-    def replaying(self, kept: torch.Tensor | None, batch: int) -> "DropoutReplay":
-        self._replay, self._position = (kept, batch), 0
+    def replaying(self, kept: torch.Tensor | None, batch: int) -> "ForwardReplay":
+        self.recording, self._kept, self._batch, self._positions = False, kept, batch, [0, 0]
         return self
+
+    def __enter__(self) -> "ForwardReplay":
+        self.state.replay = self
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.state.replay = None
+        super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -71,24 +90,38 @@ class DropoutReplay(TorchFunctionMode):
                  inplace: bool = False) -> torch.Tensor:
         if not training or p == 0:
             return input
-        if self._replay is None:  # the forward: PyTorch's own dropout kernel, which returns its mask
+        if self.recording:  # PyTorch's own dropout kernel, which returns its mask
             output, mask = torch.native_dropout(input, p, True)
             self.masks.append(mask)
             return input.copy_(output) if inplace else output
         scale = 0.0 if p == 1 else 1.0 / (1 - p)
-        return input * self._replayed_mask(input).to(input.dtype).mul_(scale)
+        mask = self._next(self.masks, 0, input.shape, "dropout mask")
+        return input * mask.to(input.dtype).mul_(scale)
 
-    def _replayed_mask(self, input: torch.Tensor) -> torch.Tensor:
-        kept, batch = self._replay
-        if self._position >= len(self.masks):
-            raise _ReplayMismatch("the re-run calls dropout more often than the forward did")
-        mask = self.masks[self._position]
-        self._position += 1
-        if kept is not None and mask.dim() > 0 and mask.shape[0] == batch:
-            mask = mask.index_select(0, kept)
-        if mask.shape != input.shape:
-            raise _ReplayMismatch(f"dropout mask {tuple(mask.shape)} for input {tuple(input.shape)}")
-        return mask
+    def record_output(self, output: torch.Tensor) -> None:
+        """The output of a sampled layer (linear or convolution) in the forward."""
+        self.linear_outputs.append(output)
+
+    def replayed_output(self, batch: int, shape: torch.Size | None = None) -> torch.Tensor:
+        """The next recorded layer output, for the kept samples; ``batch`` (and ``shape`` where
+        known) is what the re-run expects."""
+        value = self._next(self.linear_outputs, 1, shape, "layer output")
+        if value.dim() == 0 or value.shape[0] != batch:
+            raise _ReplayMismatch(f"layer output {tuple(value.shape)} for a batch of {batch}")
+        return value
+
+    def _next(self, recorded: list[torch.Tensor], slot: int, shape: torch.Size | None,
+              what: str) -> torch.Tensor:
+        position = self._positions[slot]
+        if position >= len(recorded):
+            raise _ReplayMismatch(f"the re-run needs more of {what} than the forward made")
+        self._positions[slot] += 1
+        value = recorded[position]
+        if self._kept is not None and value.dim() > 0 and value.shape[0] == self._batch:
+            value = value.index_select(0, self._kept)
+        if shape is not None and value.shape != shape:
+            raise _ReplayMismatch(f"{what} {tuple(value.shape)} where the re-run has {tuple(shape)}")
+        return value
 
 
 class _ReplayMismatch(RuntimeError):
@@ -127,14 +160,10 @@ class CompactBlock:
         flat, spec = tree_flatten((args, kwargs))
         if not all(isinstance(leaf, _SAFE_LEAVES) for leaf in flat):
             return self._refuse("its inputs hold objects other than tensors and numbers", args, kwargs)
-        replay = DropoutReplay()
+        replay = ForwardReplay(self.state)
         rng = _RngState(flat)
-        self.state.compact_forward = True
-        try:
-            with torch.no_grad(), replay:
-                output = self.original_forward(*args, **kwargs)
-        finally:
-            self.state.compact_forward = False
+        with torch.no_grad(), replay:
+            output = self.original_forward(*args, **kwargs)
         hidden = find_hidden_state(output)
         reason = self._ineligible(output, hidden, flat, replay)
         if reason is None and self.verified is None:
@@ -152,7 +181,7 @@ class CompactBlock:
         return (state.enabled and torch.is_grad_enabled() and state.sample_acts
                 and state.phase == TRAIN and state.recompute_scale is None
                 and self.verified is not False and ratio <= state.recompute_below
-                and not torch.compiler.is_compiling())
+                and not torch.compiler.is_compiling() and not _flop_counter_active())
 
     def _refuse(self, reason: str, args: tuple, kwargs: dict) -> Any:
         self.verified = False
@@ -161,7 +190,7 @@ class CompactBlock:
         return self.original_forward(*args, **kwargs)
 
     def _ineligible(self, output: Any, hidden: torch.Tensor | None, flat: list,
-                    replay: DropoutReplay) -> str | None:
+                    replay: ForwardReplay) -> str | None:
         if hidden is None or hidden.dim() == 0:
             return "it returns no batch-first hidden state"
         if replay.unreplayable:
@@ -174,7 +203,7 @@ class CompactBlock:
                 return "it returns a second floating-point tensor besides its hidden state"
         return None
 
-    def _verify(self, flat: list, spec: Any, hidden: torch.Tensor, replay: DropoutReplay) -> str | None:
+    def _verify(self, flat: list, spec: Any, hidden: torch.Tensor, replay: ForwardReplay) -> str | None:
         """Re-run on every other sample and compare with the forward's output once."""
         batch = hidden.shape[0]
         kept = torch.arange(0, batch, 2, device=hidden.device)
@@ -193,7 +222,7 @@ class CompactBlock:
         return None
 
     def _rerun(self, flat: list, spec: Any, kept: torch.Tensor | None, batch: int,
-               replay: DropoutReplay) -> torch.Tensor | None:
+               replay: ForwardReplay) -> torch.Tensor | None:
         leaves = [_select(leaf, kept, batch) for leaf in flat]
         args, kwargs = tree_unflatten(leaves, spec)
         with replay.replaying(kept, batch):
@@ -201,7 +230,7 @@ class CompactBlock:
         return find_hidden_state(output)
 
     def _attach_backward(self, output: Any, hidden: torch.Tensor, flat: list, spec: Any,
-                         replay: DropoutReplay) -> Any:
+                         replay: ForwardReplay) -> Any:
         tensors = [leaf for leaf in flat if isinstance(leaf, torch.Tensor)]
         params = [p for p in self.module.parameters() if p.requires_grad]
         device = hidden.device.type
@@ -214,7 +243,7 @@ class CompactBlock:
 class _RerunContext:
     """What the backward needs to re-run one block's forward on the kept samples."""
 
-    def __init__(self, block: CompactBlock, flat: list, spec: Any, replay: DropoutReplay,
+    def __init__(self, block: CompactBlock, flat: list, spec: Any, replay: ForwardReplay,
                  hidden: torch.Tensor, autocast: bool, autocast_dtype: torch.dtype) -> None:
         self.block, self.spec, self.replay = block, spec, replay
         # Tensors are passed to the autograd function (and saved there); here only placeholders.
@@ -228,8 +257,12 @@ class _CompactFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, context: _RerunContext, *tensors: torch.Tensor) -> torch.Tensor:
         ctx.context = context
-        ctx.takes_keep_weights, ctx.keep_weights = True, None  # set by the block's sampler hook
-        ctx.save_for_backward(*tensors)
+        replay = context.replay
+        ctx.n_recorded = len(replay.masks) + len(replay.linear_outputs)
+        # Saved here, the recordings are freed with the graph and seen by saved-tensor hooks.
+        ctx.save_for_backward(*tensors, *replay.masks, *replay.linear_outputs)
+        ctx.n_masks = len(replay.masks)
+        replay.masks, replay.linear_outputs = [], []
         hidden, context.hidden = context.hidden, None  # no reference cycle through the output
         return hidden
 
@@ -237,42 +270,66 @@ class _CompactFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         context: _RerunContext = ctx.context
         saved = ctx.saved_tensors
-        inputs, params = saved[:context.n_tensors], saved[context.n_tensors:]
+        n_inputs, n_params = context.n_tensors, len(saved) - context.n_tensors - ctx.n_recorded
+        inputs, params = saved[:n_inputs], saved[n_inputs:n_inputs + n_params]
+        recorded = saved[n_inputs + n_params:]
         needs = ctx.needs_input_grad[1:]
-        batch = grad.shape[0]
-        weights, ctx.keep_weights = ctx.keep_weights, None
-        if weights is None:
-            kept = _kept_samples(grad, context.block.state)
-        else:
-            kept = torch.nonzero(weights).squeeze(1)
+        input_needs, param_needs = needs[:n_inputs], needs[n_inputs:n_inputs + n_params]
+        # Decided from the gradient that arrives (already sampled at the block output).
+        kept = _kept_samples(grad, context.block.state)
         if kept is not None and kept.numel() == 0:
-            return (None, *(torch.zeros_like(t) if need else None for t, need in zip(inputs, needs)),
-                    *(None for _ in params))
-        leaves = _fill(context.flat, inputs)
-        compact = [_select(leaf, kept, batch) if isinstance(leaf, torch.Tensor) else leaf
-                   for leaf in leaves]
-        positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-        wanted = [i for i, need in zip(positions, needs) if need and leaves[i].is_floating_point()]
-        for i in wanted:
-            compact[i] = compact[i].detach().requires_grad_()
-        state = context.block.state
-        state.recompute_scale = batch / (batch if kept is None else kept.numel())
+            # Zeros, not None: DistributedDataParallel expects a gradient for every parameter.
+            zeros = [torch.zeros_like(t) if need else None
+                     for t, need in zip(inputs + params, input_needs + param_needs)]
+            return (None, *zeros, *(None for _ in recorded))
+        grad_kept = grad if kept is None else grad.index_select(0, kept)
+        replay = context.replay
+        replay.masks, replay.linear_outputs = list(recorded[:ctx.n_masks]), list(recorded[ctx.n_masks:])
         try:
-            with torch.enable_grad(), torch.autocast(grad.device.type, dtype=context.autocast_dtype,
-                                                     enabled=context.autocast):
-                args, kwargs = tree_unflatten(compact, context.spec)
-                with context.replay.replaying(kept, batch):
-                    hidden = find_hidden_state(context.block.original_forward(*args, **kwargs))
-                grad_kept = grad if kept is None else grad.index_select(0, kept)
-                if weights is not None:
-                    shape = (-1,) + (1,) * (grad.dim() - 1)
-                    grad_kept = grad_kept * weights.index_select(0, kept).to(grad.dtype).view(shape)
-                targets = [compact[i] for i in wanted] + [p for p, need in zip(params, needs[len(inputs):]) if need]
-                grads = torch.autograd.grad(hidden, targets, grad_kept.to(hidden.dtype), allow_unused=True)
+            input_grads, param_grads = _rerun_backward(context, inputs, input_needs, params,
+                                                       param_needs, kept, grad_kept, grad.shape[0])
         finally:
-            state.recompute_scale = None
-        return (None, *_input_grads(inputs, leaves, wanted, grads, kept, batch),
-                *_param_grads(params, needs[len(inputs):], grads[len(wanted):]))
+            replay.masks, replay.linear_outputs = [], []
+        return (None, *input_grads, *param_grads, *(None for _ in recorded))
+
+
+def _rerun_backward(context: _RerunContext, inputs: tuple, input_needs: tuple, params: tuple,
+                    param_needs: tuple, kept: torch.Tensor | None, grad_kept: torch.Tensor,
+                    batch: int) -> tuple[list, list]:
+    """Re-run the block's forward on the kept samples and backpropagate ``grad_kept`` through it."""
+    leaves = _fill(context.flat, inputs)
+    compact = [_select(leaf, kept, batch) for leaf in leaves]
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    wanted = [i for i, need in zip(positions, input_needs) if need and leaves[i].is_floating_point()]
+    for i in wanted:
+        compact[i] = compact[i].detach().requires_grad_()
+    if _flop_counter_active():
+        raise RuntimeError(
+            f"vcas: block {context.block.name!r} recomputes compactly in this backward, which "
+            "torch.utils.flop_counter.FlopCounterMode cannot follow; enter FlopCounterMode before "
+            "the forward as well (blocks then backpropagate in full), or set "
+            "VCASConfig(recompute_below=0)")
+    state = context.block.state
+    state.recompute_scale = batch / (batch if kept is None else kept.numel())
+    try:
+        with torch.enable_grad(), torch.autocast(grad_kept.device.type, dtype=context.autocast_dtype,
+                                                 enabled=context.autocast):
+            args, kwargs = tree_unflatten(compact, context.spec)
+            with context.replay.replaying(kept, batch):
+                hidden = find_hidden_state(context.block.original_forward(*args, **kwargs))
+            targets = [compact[i] for i in wanted] + [p for p, need in zip(params, param_needs) if need]
+            grads = torch.autograd.grad(hidden, targets, grad_kept.to(hidden.dtype), allow_unused=True)
+    finally:
+        state.recompute_scale = None
+    return (_input_grads(inputs, leaves, wanted, grads, kept, batch),
+            _param_grads(params, param_needs, grads[len(wanted):]))
+
+
+def _flop_counter_active() -> bool:
+    """True under ``torch.utils.flop_counter.FlopCounterMode``: its module tracker cannot follow
+    a forward re-run inside the backward, so blocks then take the full backward."""
+    return any(isinstance(getattr(mode, "counter", mode), FlopCounterMode)
+               for mode in _get_current_dispatch_mode_stack())
 
 
 def _kept_samples(grad: torch.Tensor, state: SamplingState) -> torch.Tensor | None:

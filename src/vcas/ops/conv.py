@@ -43,11 +43,11 @@ class ConvSite:
         self.direct = type(module) in _PLAIN and module.padding_mode == "zeros"
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not (self.state.enabled and torch.is_grad_enabled()):
-            out = self.original_forward(*args, **kwargs)
-            if self.state.enabled and self.state.compact_forward:
-                self.state.count_forward(conv_flops(out.shape[1:], self.module.weight) * out.shape[0])
-            return out
+        # A compact block's graph-free forward and its re-run go through the sampled op too,
+        # which records the output and replays it (vcas.ops.compact).
+        replaying = self.state.replay is not None
+        if not (self.state.enabled and (torch.is_grad_enabled() or replaying)):
+            return self.original_forward(*args, **kwargs)
         if self.direct:
             m = self.module
             x = args[0] if args else kwargs["input"]
@@ -83,8 +83,26 @@ def sampled_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     stride, dilation = _tuple(stride, dims), _tuple(dilation, dims)
     input, padding = _explicit_padding(input, weight, padding, dilation)
     input, weight, bias = autocast_inputs(input, weight, bias)
+    geometry = (stride, padding, dilation, groups)
+    replay = site.state.replay
+    recorded = None
+    if replay is not None and replay.recording:  # a compact block's graph-free forward
+        out = _convolution(input, weight, bias, geometry)
+        site.state.count_forward(conv_flops(out.shape[1:], weight) * out.shape[0])
+        replay.record_output(out)
+        return out
+    if replay is not None:  # its re-run: the recorded output, for the kept samples
+        recorded = replay.replayed_output(input.shape[0])
+        if not torch.is_grad_enabled():
+            return recorded
     with torch.autocast(input.device.type, enabled=False):
-        return _SampledConvFunction.apply(input, weight, bias, (stride, padding, dilation, groups), site)
+        return _SampledConvFunction.apply(input, weight, bias, geometry, site, recorded)
+
+
+def _convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 geometry: tuple) -> torch.Tensor:
+    stride, padding, dilation, groups = geometry
+    return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
 
 
 def conv_flops(output_shape: Sequence[int], weight: torch.Tensor) -> float:
@@ -99,14 +117,13 @@ def conv_flops(output_shape: Sequence[int], weight: torch.Tensor) -> float:
 class _SampledConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                geometry: tuple, site: ConvSite) -> torch.Tensor:
-        stride, padding, dilation, groups = geometry
-        out = torch.convolution(x, weight, bias, stride, padding, dilation, False,
-                                [0] * len(stride), groups)
+                geometry: tuple, site: ConvSite, recorded: torch.Tensor | None) -> torch.Tensor:
+        out = _convolution(x, weight, bias, geometry) if recorded is None else recorded
         ctx.save_for_backward(x, weight)
         ctx.geometry, ctx.site, ctx.has_bias = geometry, site, bias is not None
         ctx.per_sample = conv_flops(out.shape[1:], weight)
-        site.state.count_forward(ctx.per_sample * out.shape[0])
+        if recorded is None:
+            site.state.count_forward(ctx.per_sample * out.shape[0])
         return out
 
     @staticmethod
@@ -132,7 +149,7 @@ class _SampledConvFunction(torch.autograd.Function):
         flops = FlopBucket(backward_exact=ctx.per_sample * grad_out.shape[0] * products,
                            backward_done=ctx.per_sample * n_rows * products)
         ctx.site.state.count_backward(flops)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _nonzero_samples(grad_out: torch.Tensor, state: SamplingState) -> torch.Tensor | None:

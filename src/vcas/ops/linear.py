@@ -38,34 +38,51 @@ class LinearSite:
         self.recorded_scores: list[torch.Tensor] = []
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.state.enabled and torch.is_grad_enabled()):
-            if self.state.enabled and self.state.compact_forward:
-                rows = x.numel() // x.shape[-1] if x.dim() else 1
-                self.state.count_forward(2.0 * rows * self.module.weight.numel())
-            return self.original_forward(x)
+        state = self.state
+        replay = state.replay if state.enabled else None
+        recorded = None
+        if replay is not None and not replay.recording:
+            # A compact block's re-run: the output its forward computed, for the kept samples.
+            out_features = self.module.weight.shape[1 if self.transposed else 0]
+            recorded = replay.replayed_output(x.shape[0] if x.dim() else 1, x.shape[:-1] + (out_features,))
+            if not torch.is_grad_enabled():
+                return recorded
+        if not (state.enabled and torch.is_grad_enabled()):
+            out = self.original_forward(x)
+            if replay is not None:  # a compact block's graph-free forward
+                state.count_forward(2.0 * _rows(x) * self.module.weight.numel())
+                replay.record_output(out)
+            return out
         weight = self.module.weight
         if self.transposed:
             weight = weight.t()
-        return sampled_linear(x, weight, self.module.bias, self)
+        return sampled_linear(x, weight, self.module.bias, self, recorded)
 
 
 def sampled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   site: LinearSite) -> torch.Tensor:
-    """``F.linear`` whose backward skips zero rows and samples the weight-gradient rows."""
+                   site: LinearSite, recorded: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` whose backward skips zero rows and samples the weight-gradient rows.
+
+    ``recorded``: the output, already computed (by a compact block's forward) for this input."""
     x, weight, bias = autocast_inputs(x, weight, bias)
     with torch.autocast(x.device.type, enabled=False):
-        return site.function.apply(x, weight, bias, site)
+        return site.function.apply(x, weight, bias, site, recorded)
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() else 1
 
 
 class _SampledLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                site: LinearSite) -> torch.Tensor:
+                site: LinearSite, recorded: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.site = site
         ctx.has_bias = bias is not None
-        rows = x.numel() // x.shape[-1] if x.dim() else 1
-        site.state.count_forward(2.0 * rows * weight.numel())
+        if recorded is not None:
+            return recorded
+        site.state.count_forward(2.0 * _rows(x) * weight.numel())
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -80,52 +97,68 @@ class _SampledLinearFunction(torch.autograd.Function):
         flops.backward_exact = per_row * gy.shape[0] * (int(need_x) + int(need_w))
 
         row_norms = torch.linalg.vector_norm(gy, dim=1, dtype=torch.float32)
-        if not bool(torch.isfinite(row_norms).all()):
-            site.state.nonfinite_gradients += 1
-            rows = None  # non-finite: fall back to the exact backward
-        else:
-            nonzero = row_norms > 0
-            rows = None if bool(nonzero.all()) else torch.nonzero(nonzero).squeeze(1)
-        n_rows = gy.shape[0] if rows is None else rows.numel()
+        rows = _nonzero_rows(row_norms, site.state)
+        # The non-zero rows, gathered once for both products.
+        g_rows = gy if rows is None else gy.index_select(0, rows)
 
         grad_x = None
         if need_x:
-            grad_x = _input_grad(gy, weight, rows).reshape(x.shape)
-            flops.backward_done += per_row * n_rows
+            grad_x = _input_grad(g_rows, weight, rows, gy.shape[0]).reshape(x.shape)
+            flops.backward_done += per_row * g_rows.shape[0]
         grad_w = None
         if need_w:
-            grad_w, n_kept = _weight_grad(gy, xs, row_norms, rows, site)
+            grad_w, n_kept = _weight_grad(g_rows, xs, row_norms, rows, site)
             flops.backward_done += per_row * n_kept
-        grad_b = gy.sum(0) if (need_b and ctx.has_bias) else None
+        grad_b = g_rows.sum(0) if (need_b and ctx.has_bias) else None
         site.state.count_backward(flops)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
-def _input_grad(gy: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+def _nonzero_rows(row_norms: torch.Tensor, state: SamplingState) -> torch.Tensor | None:
+    """Indices of the rows with a non-zero gradient; None for all of them, or for a non-finite
+    gradient, which takes the exact backward."""
+    if not bool(torch.isfinite(row_norms.sum())):
+        state.nonfinite_gradients += 1
+        return None
+    rows = torch.nonzero(row_norms).squeeze(1)
+    return None if rows.numel() == row_norms.numel() else rows
+
+
+def _input_grad(g_rows: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
+                n_rows: int) -> torch.Tensor:
     if rows is None:
-        return gy @ weight
-    grad = gy.new_zeros(gy.shape[0], weight.shape[1])
-    return grad.index_copy_(0, rows, gy.index_select(0, rows) @ weight)
+        return g_rows @ weight
+    grad = g_rows.new_zeros(n_rows, weight.shape[1])
+    return grad.index_copy_(0, rows, g_rows @ weight)
 
 
-def _weight_grad(gy: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor,
+def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor,
                  rows: torch.Tensor | None, site: LinearSite) -> tuple[torch.Tensor, int]:
-    """dW from the non-zero rows, leverage-score sampled when the layer's ratio is below 1."""
-    if rows is not None:
-        gy, xs, row_norms = gy.index_select(0, rows), xs.index_select(0, rows), row_norms[rows]
+    """dW from the non-zero rows, leverage-score sampled when the layer's ratio is below 1.
+
+    Inputs are gathered once, for the rows finally used."""
     state = site.state
+    n = g_rows.shape[0]
     ratio = state.weight_ratios[site.index]
-    sample = state.sample_weights and ratio < 1.0 and gy.shape[0] > 0
-    if not (sample or state.record_weight_variance) or gy.shape[0] == 0:
-        return gy.t() @ xs, gy.shape[0]
-    scores = row_norms * torch.linalg.vector_norm(xs, dim=1, dtype=torch.float32)
-    probs = capped_proportional_probs(scores, ratio * gy.shape[0])
+    sample = state.sample_weights and ratio < 1.0 and n > 0
+    if not (sample or state.record_weight_variance) or n == 0:
+        return g_rows.t() @ _gather(xs, rows), n
+    x_norms = torch.linalg.vector_norm(xs, dim=1, dtype=torch.float32)
+    if rows is not None:
+        x_norms, row_norms = x_norms.index_select(0, rows), row_norms.index_select(0, rows)
+    scores = row_norms * x_norms
+    probs = capped_proportional_probs(scores, ratio * n)
     if state.record_weight_variance:
         site.recorded_variance.append(float(sampling_variance(probs, scores)))
         site.recorded_scores.append(scores.detach().cpu())
     if not sample:
-        return gy.t() @ xs, gy.shape[0]
-    weights = bernoulli_weights(probs, state.generator(gy.device))
+        return g_rows.t() @ _gather(xs, rows), n
+    weights = bernoulli_weights(probs, state.generator(g_rows.device))
     kept = torch.nonzero(weights).squeeze(1)
-    scaled = gy.index_select(0, kept) * weights[kept].to(gy.dtype).unsqueeze(1)
-    return scaled.t() @ xs.index_select(0, kept), kept.numel()
+    scaled = g_rows.index_select(0, kept) * weights.index_select(0, kept).to(g_rows.dtype).unsqueeze(1)
+    source = kept if rows is None else rows.index_select(0, kept)
+    return scaled.t() @ xs.index_select(0, source), kept.numel()
+
+
+def _gather(xs: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return xs if rows is None else xs.index_select(0, rows)
