@@ -104,3 +104,20 @@ def test_adaptive_first_calibration_is_at_the_first_step():
     source = iter([token_batch(n=16, seed=s) for s in range(100)])
     ran = [ctl.maybe_calibrate(loss_fn, source) for _ in range(10)]
     assert ran[0] and ctl.stats()["updates"] >= 1
+
+
+def test_a_collapse_of_the_sgd_variance_is_followed_at_once():
+    """Late in fine-tuning V_sgd can fall by orders of magnitude between calibrations: the
+    budget must follow at once (not through the smoothing) and calibrations come quickly again."""
+    ctl = _controller()
+    norms, g = _norms(0), torch.Generator().manual_seed(5)
+    for _ in range(8):
+        ctl._apply(_measurement(ctl, norms, noise=0.0, g=g))
+    assert ctl._adaptive_state.interval == 8
+    s_before = ctl.stats()["s"]
+    collapsed = _measurement(ctl, norms, noise=0.0, g=g)
+    collapsed.var_sgd_layers = [v / 100 for v in collapsed.var_sgd_layers]
+    ctl._apply(collapsed)
+    memory = ctl._adaptive_state
+    assert memory.var_sgd_layers == collapsed.var_sgd_layers  # adopted, not averaged
+    assert memory.interval == 1 and ctl.stats()["s"] > s_before  # less sampling, checked soon

@@ -14,7 +14,9 @@ single noisy variance ratio, so short runs stay near exact training. This contro
 - Weight sampling: V_w,l(nu) is analytic given the recorded row scores, so each nu_l is solved
   directly by bisection against ``tau_w * V_sgd,l``.
 - Calibration spacing: the first calibration runs at the first step; the interval doubles while
-  the solution is stable and halves when it moves.
+  the solution is stable and halves when it moves. A regime change, the SGD variance moving by
+  more than 4x between calibrations (as when the loss collapses late in fine-tuning), restarts
+  the averages and goes back to the shortest interval, so the budget follows it at once.
 """
 
 from __future__ import annotations
@@ -84,6 +86,16 @@ def solve_weight_ratio(scores: list[torch.Tensor], budget: float, floor: float,
     return high
 
 
+# A change of the measured SGD variance by more than this factor restarts the averages.
+REGIME_CHANGE = 4.0
+
+
+def _moved(old: float, new: float, factor: float) -> bool:
+    if old <= 0 or new <= 0:
+        return old != new
+    return max(old / new, new / old) > factor
+
+
 @dataclasses.dataclass
 class AdaptiveState:
     """What the adaptive controller carries between calibrations (checkpointed).
@@ -109,13 +121,22 @@ class AdaptiveState:
             self.proxy = proxy if first else decay * self.proxy + (1 - decay) * proxy
         return self.var_act / self.proxy if self.proxy > 0 and self.var_act > 0 else None
 
-    def smooth_sgd(self, measured: Sequence[float], decay: float) -> list[float]:
-        if self.var_sgd_layers is None or len(self.var_sgd_layers) != len(measured):
+    def smooth_sgd(self, measured: Sequence[float], decay: float) -> tuple[list[float], bool]:
+        """The smoothed V_sgd per layer, and whether the total moved by more than
+        ``REGIME_CHANGE`` times (as when the loss collapses late in fine-tuning): then the
+        averages restart from this measurement, since smoothing would lag the change and let
+        the added variance exceed its budget until it caught up."""
+        previous = self.var_sgd_layers
+        changed = previous is None or len(previous) != len(measured) or _moved(
+            sum(previous), sum(measured), REGIME_CHANGE)
+        if changed:
             self.var_sgd_layers = list(measured)
+            if previous is not None:
+                self.var_act = self.proxy = 0.0  # the gain too is re-learned from now on
         else:
             self.var_sgd_layers = [decay * old + (1 - decay) * new
-                                   for old, new in zip(self.var_sgd_layers, measured)]
-        return list(self.var_sgd_layers)
+                                   for old, new in zip(previous, measured)]
+        return list(self.var_sgd_layers), changed and previous is not None
 
     def move(self, s: float, target: float, smallest: float = 0.01, largest: float = 0.4) -> float:
         """Move s toward the solved target within a trust region that doubles while moves agree

@@ -186,7 +186,7 @@ class Controller:
     def _apply_adaptive(self, measurement: calibration.Measurement) -> None:
         """Solve s and every nu for the variance budgets (see :mod:`vcas.adaptive`)."""
         config, memory = self.config, self._adaptive_state
-        var_sgd_layers = memory.smooth_sgd(measurement.var_sgd_layers, config.smoothing)
+        var_sgd_layers, regime_change = memory.smooth_sgd(measurement.var_sgd_layers, config.smoothing)
         proxy = adaptive.proxy_act_variance(measurement.block_norms, measurement.act_ratios)
         gain = memory.gain(measurement.var_act, proxy, config.smoothing)
         previous_s, previous_nu = self._s, list(self._state.weight_ratios)
@@ -203,7 +203,10 @@ class Controller:
             for site, scores in zip(self._installation.linear_sites, measurement.row_scores)]
         nu_moves = [abs(a - b) for a, b in zip(self._state.weight_ratios, previous_nu)]
         stable = abs(target - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves))
-        memory.schedule_next(self._steps, stable, config.shortest_interval, config.update_every)
+        if regime_change:
+            memory.interval = 0  # back to the shortest interval
+        memory.schedule_next(self._steps, stable and not regime_change, config.shortest_interval,
+                             config.update_every)
 
     def _linear_sgd_variances(self, measurement: calibration.Measurement) -> list[float]:
         """V_sgd of each sampled linear (0 for a frozen one, whose weight is not measured)."""
