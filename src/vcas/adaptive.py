@@ -14,7 +14,7 @@ single noisy variance ratio, so short runs stay near exact training. This contro
 - Weight sampling: V_w,l(nu) is analytic given the recorded row scores, so each nu_l is solved
   directly by bisection against ``tau_w * V_sgd,l``.
 - Calibration spacing: the first calibration runs at the first step; the interval doubles while
-  the solution is stable and halves when it moves. A regime change, the SGD variance moving by
+  the solution is stable and halves when it moves. A regime change, the SGD variance falling by
   more than 4x between calibrations (as when the loss collapses late in fine-tuning), restarts
   the averages and goes back to the shortest interval, so the budget follows it at once.
 """
@@ -86,14 +86,12 @@ def solve_weight_ratio(scores: list[torch.Tensor], budget: float, floor: float,
     return high
 
 
-# A change of the measured SGD variance by more than this factor restarts the averages.
+# A fall of the measured SGD variance by more than this factor restarts the averages.
 REGIME_CHANGE = 4.0
 
 
-def _moved(old: float, new: float, factor: float) -> bool:
-    if old <= 0 or new <= 0:
-        return old != new
-    return max(old / new, new / old) > factor
+def _fell(old: float, new: float, factor: float) -> bool:
+    return new * factor < old
 
 
 @dataclasses.dataclass
@@ -122,12 +120,13 @@ class AdaptiveState:
         return self.var_act / self.proxy if self.proxy > 0 and self.var_act > 0 else None
 
     def smooth_sgd(self, measured: Sequence[float], decay: float) -> tuple[list[float], bool]:
-        """The smoothed V_sgd per layer, and whether the total moved by more than
+        """The smoothed V_sgd per layer, and whether the total fell by more than
         ``REGIME_CHANGE`` times (as when the loss collapses late in fine-tuning): then the
-        averages restart from this measurement, since smoothing would lag the change and let
-        the added variance exceed its budget until it caught up."""
+        averages restart from this measurement, since smoothing would lag the fall and let the
+        added variance exceed its budget until it caught up. Rises are smoothed as usual: a
+        lagging budget is then only conservative."""
         previous = self.var_sgd_layers
-        changed = previous is None or len(previous) != len(measured) or _moved(
+        changed = previous is None or len(previous) != len(measured) or _fell(
             sum(previous), sum(measured), REGIME_CHANGE)
         if changed:
             self.var_sgd_layers = list(measured)
