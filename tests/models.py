@@ -88,22 +88,8 @@ def image_batch(n: int = 8, classes: int = 3, seed: int = 0):
 
 
 # ----------------------------------------------------------------------- architecture coverage
-class BasicBlock(nn.Module):
-    """ResNet basic block: conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv + BN on a shape change)."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return torch.relu(y + self.shortcut(x))
+# The ResNet basic block of the benchmark presets: conv-BN-ReLU-conv-BN plus a shortcut.
+from vcas.benchmark.presets import BasicBlock  # noqa: E402
 
 
 class TinyResNet(nn.Module):

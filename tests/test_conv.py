@@ -164,8 +164,8 @@ def test_skipping_gives_the_same_gradients_as_exact_convolutions_draw_by_draw(ca
 def test_negative_control_skipping_nonzero_samples_after_batchnorm_is_caught(monkeypatch):
     """A convolution that assumed the dropped samples were still zero after BatchNorm (here: half
     of them) would be biased; the same check must detect it."""
-    monkeypatch.setattr(vcas.ops.conv, "_nonzero_samples",
-                        lambda grad_out, state: torch.arange(0, grad_out.shape[0], 2))
+    monkeypatch.setattr(vcas.ops.conv, "nonzero_indices",
+                        lambda norms, state: torch.arange(0, norms.shape[0], 2))
     stats, _ = _unbiased(*_resnet_case(frozen_bn=False), act=1.0, draws=3)
     assert stats["deterministic_mismatches"] > 0, stats
 

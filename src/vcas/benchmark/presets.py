@@ -81,7 +81,7 @@ def _vit(preset: Preset, batch: int, seq: int, layers: int) -> Workload:
 class BasicBlock(nn.Module):
     """The ResNet basic block: two 3x3 convolutions with BatchNorm and a shortcut."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)

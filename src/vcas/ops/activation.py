@@ -20,6 +20,17 @@ def per_sample_norms(grad: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1, dtype=torch.float32)
 
 
+def nonzero_indices(norms: torch.Tensor, state: SamplingState) -> torch.Tensor | None:
+    """Indices of the rows (or samples) whose gradient norm is non-zero, the work a sampled op
+    must do. ``None`` stands for all of them, and for a non-finite gradient (counted in
+    ``state.nonfinite_gradients``), which the caller then passes through exactly."""
+    if not bool(torch.isfinite(norms).all()):
+        state.nonfinite_gradients += 1
+        return None
+    indices = torch.nonzero(norms).squeeze(1)
+    return None if indices.numel() == norms.numel() else indices
+
+
 class BlockSampler:
     """SampleA at one block's output: a forward hook that hooks the hidden state's gradient."""
 

@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..accounting import TRAIN
 from ..outputs import find_hidden_state, iter_tensors, replace_tensor
 from ..state import SamplingState
-from .activation import per_sample_norms
+from .activation import nonzero_indices, per_sample_norms
 
 logger = logging.getLogger("vcas")
 
@@ -276,7 +276,7 @@ class _CompactFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[1:]
         input_needs, param_needs = needs[:n_inputs], needs[n_inputs:n_inputs + n_params]
         # Decided from the gradient that arrives (already sampled at the block output).
-        kept = _kept_samples(grad, context.block.state)
+        kept = nonzero_indices(per_sample_norms(grad), context.block.state)
         if kept is not None and kept.numel() == 0:
             # Zeros, not None: DistributedDataParallel expects a gradient for every parameter.
             zeros = [torch.zeros_like(t) if need else None
@@ -330,16 +330,6 @@ def _flop_counter_active() -> bool:
     a forward re-run inside the backward, so blocks then take the full backward."""
     return any(isinstance(getattr(mode, "counter", mode), FlopCounterMode)
                for mode in _get_current_dispatch_mode_stack())
-
-
-def _kept_samples(grad: torch.Tensor, state: SamplingState) -> torch.Tensor | None:
-    """Indices of samples with a non-zero gradient (None: all, or a non-finite gradient)."""
-    norms = per_sample_norms(grad)
-    if not bool(torch.isfinite(norms).all()):
-        state.nonfinite_gradients += 1
-        return None
-    nonzero = norms > 0
-    return None if bool(nonzero.all()) else torch.nonzero(nonzero).squeeze(1)
 
 
 def _select(leaf: Any, kept: torch.Tensor | None, batch: int) -> Any:

@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..accounting import FlopBucket
 from ..state import SamplingState
+from .activation import nonzero_indices, per_sample_norms
 from .autocast import autocast_inputs
 
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -131,7 +132,7 @@ class _SampledConvFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
-        rows = _nonzero_samples(grad_out, ctx.site.state)
+        rows = nonzero_indices(per_sample_norms(grad_out), ctx.site.state)
         n_rows = grad_out.shape[0] if rows is None else rows.numel()
         grad_x = grad_w = grad_b = None
         if n_rows > 0 and (need_x or need_w or need_b):
@@ -150,18 +151,6 @@ class _SampledConvFunction(torch.autograd.Function):
                            backward_done=ctx.per_sample * n_rows * products)
         ctx.site.state.count_backward(flops)
         return grad_x, grad_w, grad_b, None, None, None
-
-
-def _nonzero_samples(grad_out: torch.Tensor, state: SamplingState) -> torch.Tensor | None:
-    """Indices of the samples with a non-zero gradient; None for all (or a non-finite gradient,
-    which is passed through exactly)."""
-    norms = torch.linalg.vector_norm(grad_out.reshape(grad_out.shape[0], -1), dim=1,
-                                     dtype=torch.float32)
-    if not bool(torch.isfinite(norms).all()):
-        state.nonfinite_gradients += 1
-        return None
-    nonzero = norms > 0
-    return None if bool(nonzero.all()) else torch.nonzero(nonzero).squeeze(1)
 
 
 def _convolution_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geometry: tuple,

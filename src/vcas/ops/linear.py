@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..accounting import FlopBucket
 from ..sampling import bernoulli_weights, capped_proportional_probs, sampling_variance
 from ..state import SamplingState
+from .activation import nonzero_indices
 from .autocast import autocast_inputs
 
 
@@ -97,7 +98,7 @@ class _SampledLinearFunction(torch.autograd.Function):
         flops.backward_exact = per_row * gy.shape[0] * (int(need_x) + int(need_w))
 
         row_norms = torch.linalg.vector_norm(gy, dim=1, dtype=torch.float32)
-        rows = _nonzero_rows(row_norms, site.state)
+        rows = nonzero_indices(row_norms, site.state)
         # The non-zero rows, gathered once for both products.
         g_rows = gy if rows is None else gy.index_select(0, rows)
 
@@ -112,16 +113,6 @@ class _SampledLinearFunction(torch.autograd.Function):
         grad_b = g_rows.sum(0) if (need_b and ctx.has_bias) else None
         site.state.count_backward(flops)
         return grad_x, grad_w, grad_b, None, None
-
-
-def _nonzero_rows(row_norms: torch.Tensor, state: SamplingState) -> torch.Tensor | None:
-    """Indices of the rows with a non-zero gradient; None for all of them, or for a non-finite
-    gradient, which takes the exact backward."""
-    if not bool(torch.isfinite(row_norms.sum())):
-        state.nonfinite_gradients += 1
-        return None
-    rows = torch.nonzero(row_norms).squeeze(1)
-    return None if rows.numel() == row_norms.numel() else rows
 
 
 def _input_grad(g_rows: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
