@@ -78,6 +78,7 @@ def _train(controller: str, rank: int) -> dict:
 
     import vcas
     import vcas.calibration
+    import vcas.distributed
     from models import TinyTransformer
 
     torch.manual_seed(0)
@@ -90,15 +91,20 @@ def _train(controller: str, rank: int) -> dict:
     calib_gen = torch.Generator().manual_seed(200 + rank)
     calibration_batches = iter(lambda: _batch(calib_gen), None)
 
-    local_var_act: list[float] = []
-    measure = vcas.calibration.measure
+    # The local statistics each rank measured, before the ranks pool them.
+    local_var_act: list[str] = []
+    measure, merge_stats = vcas.calibration.measure, vcas.distributed.merge_stats
 
-    def spy(*args, **kwargs):
+    def spy_measure(*args, **kwargs):
         measurement = measure(*args, **kwargs)
         local_var_act.append(float.hex(measurement.var_act))
         return measurement
 
-    vcas.calibration.measure = spy
+    def spy_merge(stats):
+        local_var_act.append(float.hex(sum(stats.sgd_variances())))
+        return merge_stats(stats)
+
+    vcas.calibration.measure, vcas.distributed.merge_stats = spy_measure, spy_merge
     losses, ratios = [], []
     try:
         for _ in range(STEPS):
@@ -112,7 +118,7 @@ def _train(controller: str, rank: int) -> dict:
             ratios.append({"s": float.hex(stats["s"]), "act": [float.hex(r) for r in stats["act_ratios"]],
                            "weight": [float.hex(r) for r in stats["weight_ratios"]]})
     finally:
-        vcas.calibration.measure = measure
+        vcas.calibration.measure, vcas.distributed.merge_stats = measure, merge_stats
     checksum = float.hex(float(sum(p.double().sum() for p in ddp.parameters())))
     stats = ctl.stats()
     return {"ratios": ratios, "losses": losses, "local_var_act": local_var_act,

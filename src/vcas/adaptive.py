@@ -1,77 +1,211 @@
-"""The adaptive controller's decision rules (``VCASConfig(controller="adaptive")``).
+"""The adaptive controller's statistics and decision rules (``VCASConfig(controller="adaptive")``).
 
-The paper's controller moves s by a fixed 0.01 per update and decides the direction from a
-single noisy variance ratio, so short runs stay near exact training. This controller instead
-*solves* for the operating point at each calibration, from statistics it already collects:
+The paper's controller spends 2 extra forwards and 6 extra backwards per update on separate
+batches, moves s by a fixed 0.01, and decides the direction from a two-batch variance estimate
+that jumps by orders of magnitude, so short runs stay near exact training. This controller:
 
-- Activation sampling: the variance that SampleA adds at a block output is known analytically
-  from the recorded per-sample norms, ``sum_i (1/p_i - 1) ||G_i||^2`` ("proxy"). The variance it
-  causes in the weight gradients, V_act, is measured at one schedule; their ratio ``c`` (smoothed
-  over calibrations in log space, which tames the heavy-tailed single estimates) turns the proxy
-  into a prediction of V_act for any s. Bisection finds the smallest s whose predicted V_act
-  stays within ``tau_act * V_sgd``; s moves toward it within a trust region that grows while
-  the moves agree and shrinks when they flip.
-- Weight sampling: V_w,l(nu) is analytic given the recorded row scores, so each nu_l is solved
-  directly by bisection against ``tau_w * V_sgd,l``.
-- Calibration spacing: the first calibration runs at the first step; the interval doubles while
-  the solution is stable and halves when it moves. A regime change, the SGD variance falling by
-  more than 4x between calibrations (as when the loss collapses late in fine-tuning), restarts
-  the averages and goes back to the shortest interval, so the budget follows it at once.
+- Calibrates on the training step itself. A calibration step runs its backward exactly (its
+  gradient trains the model) and the sampled layers record, for a random 1 % of their weight
+  entries, each sample's contribution ``c_i`` to the weight gradient (:mod:`vcas.ops.records`);
+  the block samplers record the per-sample gradient norms. No extra forward or backward.
+- Estimates the SGD variance within the batch, from the spread of the ``c_i`` (``N - 1`` degrees
+  of freedom instead of the ``M - 1 = 1`` of two batch gradients).
+- Predicts the activation-sampling variance for any keep ratios without sampling: a sample
+  kept with weight ``w_i`` (``1/p`` products along the nested samplers) adds
+  ``(E[w_i^2] - 1) ||c_i||^2``. ``E[w_i^2]`` is computed by simulating the samplers on the
+  recorded norms (exactly for the top sampler, Monte Carlo with common random numbers below).
+- Solves for the smallest s whose predicted V_act stays within ``tau_act * V_sgd`` (bisection),
+  both pooled over the last few calibrations with geometrically decaying weights (ratio of
+  pooled sums, the quantity the bound is about), and each nu_l from the analytic SampleW variance
+  of the recorded row scores against ``tau_w * V_sgd,l``.
+- Jumps to the solution at the first calibration, then moves s within a trust region that grows
+  while moves agree and shrinks when they flip, and doubles the calibration interval while the
+  solution is stable.
+
+Assumption: samples are independent in the backward (no BatchNorm in training mode between a
+sampler and the layers below it); the per-sample estimates are then unbiased.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import torch
 
+from .ops.records import SampleRecord
 from .sampling import capped_proportional_probs, sampling_variance, share_schedule
 
-def proxy_act_variance(block_norms: list[list[torch.Tensor | None]], ratios: Sequence[float]) -> float:
-    """Sum over blocks of ``sum_i (1/p_i - 1) ||G_i||^2`` with ``p`` the capped-proportional
-    probabilities for ``ratio * N`` kept samples on the block's exact norms: the marginal keep
-    probabilities the block's parameters see under nested sampling. Monotone in every ratio,
-    so bisection on s is well posed."""
-    total = 0.0
-    for batch in block_norms:
-        for block, norms in enumerate(batch):
-            if norms is None or ratios[block] >= 1.0:
+# Calibrations pooled by the decision rule (older ones have decayed away anyway).
+MEMORY = 8
+# Monte Carlo draws of the samplers above a nested one (the top sampler is exact).
+SIMULATION_DRAWS = 64
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+    """What one calibration step recorded.
+
+    Attributes:
+        layers: per measured weight, one :class:`SampleRecord` per backward pass.
+        scales: per measured weight, its number of entries over the subset size.
+        row_scores: per sampled linear, the SampleW row scores of each pass.
+    """
+
+    layers: list[list[SampleRecord]]
+    scales: list[float]
+    row_scores: list[list[torch.Tensor]]
+
+    @property
+    def samples(self) -> int:
+        return max((sum(r.squared_norms.numel() for r in records) for records in self.layers), default=0)
+
+    def sgd_variances(self) -> list[float]:
+        """Per measured weight, the unbiased within-batch estimate of the variance of the
+        minibatch gradient: ``(N sum_i ||c_i||^2 - ||sum_i c_i||^2) / (N - 1)``, scaled up."""
+        variances = []
+        for records, scale in zip(self.layers, self.scales):
+            n = sum(r.squared_norms.numel() for r in records)
+            if n < 2:
+                variances.append(0.0)
                 continue
-            probs = capped_proportional_probs(norms, ratios[block] * norms.numel())
-            total += float(sampling_variance(probs, norms))
-    return total / max(1, len(block_norms))
+            squares = sum(float(r.squared_norms.sum()) for r in records)
+            total = float(sum(r.total for r in records).pow(2).sum())
+            variances.append(scale * max(0.0, n * squares - total) / (n - 1))
+        return variances
+
+    def block_norms(self) -> list[list[torch.Tensor | None]]:
+        """Per backward pass, per block: the per-sample gradient norms the samplers recorded."""
+        n_blocks = 1 + max((b for p in self._passes() for b in p), default=-1)
+        return [[norms.get(block) for block in range(n_blocks)] for norms in self._passes()]
+
+    def _passes(self) -> list[dict[int, torch.Tensor]]:
+        seen: dict[int, dict[int, torch.Tensor]] = {}
+        for records in self.layers:
+            for record in records:
+                seen.setdefault(id(record.pass_norms), record.pass_norms)
+        return [norms for norms in seen.values() if norms]
+
+    def state_dict(self) -> dict[str, Any]:
+        passes = {id(p): i for i, p in enumerate(self._passes())}
+        return {"passes": [dict(p) for p in self._passes()], "scales": list(self.scales),
+                "row_scores": self.row_scores,
+                "layers": [[(passes.get(id(r.pass_norms)), r.block, r.squared_norms, r.total)
+                            for r in records] for records in self.layers]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "CalibrationStats":
+        passes = [dict(p) for p in state["passes"]]
+        layers = [[SampleRecord(block, squares, total, passes[index] if index is not None else {})
+                   for index, block, squares, total in records] for records in state["layers"]]
+        return cls(layers, list(state["scales"]), state["row_scores"])
 
 
-def solve_share(block_norms: list[list[torch.Tensor | None]], budget: float,
-                iterations: int = 24) -> float:
-    """The smallest s in [0, 1] with proxy(rho(s)) <= budget (proxy grows as s falls)."""
-    if proxy_act_variance(block_norms, share_schedule(block_norms, 0.0)) <= budget:
+def second_moments(norms: dict[int, torch.Tensor], above: Sequence[int | None],
+                   ratios: Sequence[float], generator: torch.Generator,
+                   draws: int = SIMULATION_DRAWS) -> dict[int, torch.Tensor]:
+    """``E[w_i^2]`` per block: the second moment of each sample's weight after the block's
+    sampler, for the keep ``ratios``, mirroring :class:`vcas.ops.activation.BlockSampler`.
+
+    Upper samplers are simulated (``draws`` weight vectors); at each sampling block the moment
+    given the weights above is exact (``w^2 / p``), which removes that block's own draw noise."""
+    memo: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def visit(block: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if block in memo:
+            return memo[block]
+        parent = above[block]
+        weights, moments = visit(parent) if parent is not None else (None, None)
+        block_norms = norms.get(block)
+        ratio_above = 1.0 if parent is None else ratios[parent]
+        if block_norms is not None and ratios[block] < ratio_above:
+            n = block_norms.numel()
+            if weights is None:
+                weights = torch.ones(draws, n, dtype=torch.float64)
+            probs = capped_proportional_probs(weights * block_norms.double(), ratios[block] * n)
+            safe = probs.clamp(min=torch.finfo(probs.dtype).tiny)
+            moments = torch.where(probs > 0, weights.pow(2) / safe, torch.zeros_like(probs)).mean(0)
+            kept = torch.rand(probs.shape, generator=generator, dtype=probs.dtype) < probs
+            weights = torch.where(kept, weights / safe, torch.zeros_like(weights))
+        memo[block] = (weights, moments)
+        return memo[block]
+
+    result = {}
+    for block in norms:
+        _, moments = visit(block)
+        if moments is not None:
+            result[block] = moments
+    return result
+
+
+def act_variances(stats: CalibrationStats, above: Sequence[int | None],
+                  ratios: Sequence[float]) -> list[float]:
+    """Per measured weight, the variance activation sampling at ``ratios`` adds to its gradient
+    on this calibration's samples: ``sum_i (E[w_i^2] - 1) ||c_i||^2`` (deterministic: the
+    simulation uses a fixed seed, so bisection sees a fixed function)."""
+    generator = torch.Generator().manual_seed(0)
+    moments: dict[int, dict[int, torch.Tensor]] = {}
+    variances = []
+    for records, scale in zip(stats.layers, stats.scales):
+        total = 0.0
+        for record in records:
+            if record.block is None:
+                continue  # above every sampler: never sampled
+            key = id(record.pass_norms)
+            if key not in moments:
+                moments[key] = second_moments(record.pass_norms, above, ratios, generator)
+            moment = moments[key].get(record.block)
+            if moment is not None and moment.numel() == record.squared_norms.numel():
+                excess = (moment - 1.0).clamp(min=0.0) * (moment > 0)
+                total += float((excess * record.squared_norms).sum())
+        variances.append(scale * total)
+    return variances
+
+
+Pool = Sequence[tuple[float, CalibrationStats]]
+
+
+def pooled_block_norms(pool: Pool) -> list[list[torch.Tensor | None]]:
+    return [batch for _, stats in pool for batch in stats.block_norms()]
+
+
+def pooled_act_variance(pool: Pool, above: Sequence[int | None], ratios: Sequence[float]) -> float:
+    return sum(weight * sum(act_variances(stats, above, ratios)) for weight, stats in pool)
+
+
+def solve_share(pool: Pool, above: Sequence[int | None], budget: float,
+                iterations: int = 16) -> float:
+    """The smallest s in [0, 1] whose schedule's pooled predicted V_act is within ``budget``."""
+    norms = pooled_block_norms(pool)
+    if not norms:
+        return 1.0
+
+    def within(share: float) -> bool:
+        return pooled_act_variance(pool, above, share_schedule(norms, share)) <= budget
+
+    if within(0.0):
         return 0.0
-    low, high = 0.0, 1.0  # proxy(low) > budget >= proxy(high) = 0
+    low, high = 0.0, 1.0  # within(high) holds at s = 1 (nothing sampled)
     for _ in range(iterations):
         middle = (low + high) / 2
-        if proxy_act_variance(block_norms, share_schedule(block_norms, middle)) <= budget:
+        if within(middle):
             high = middle
         else:
             low = middle
     return high
 
 
-def weight_variance(scores: list[torch.Tensor], ratio: float) -> float:
-    """Mean over recorded passes of the analytic SampleW variance at keep ratio ``ratio``."""
-    if not scores:
-        return 0.0
+def weight_variance(scores: Sequence[tuple[float, torch.Tensor]], ratio: float) -> float:
+    """Weighted sum over recorded passes of the analytic SampleW variance at keep ratio ``ratio``."""
     total = 0.0
-    for row_scores in scores:
+    for weight, row_scores in scores:
         n = int((row_scores > 0).sum())
         probs = capped_proportional_probs(row_scores, ratio * n)
-        total += float(sampling_variance(probs, row_scores))
-    return total / len(scores)
+        total += weight * float(sampling_variance(probs, row_scores))
+    return total
 
 
-def solve_weight_ratio(scores: list[torch.Tensor], budget: float, floor: float,
+def solve_weight_ratio(scores: Sequence[tuple[float, torch.Tensor]], budget: float, floor: float,
                        iterations: int = 14) -> float:
     """The smallest nu in [floor, 1] with V_w(nu) <= budget (V_w grows as nu falls)."""
     if weight_variance(scores, floor) <= budget:
@@ -86,56 +220,23 @@ def solve_weight_ratio(scores: list[torch.Tensor], budget: float, floor: float,
     return high
 
 
-# A fall of the measured SGD variance by more than this factor restarts the averages.
-REGIME_CHANGE = 4.0
-
-
-def _fell(old: float, new: float, factor: float) -> bool:
-    return new * factor < old
-
-
 @dataclasses.dataclass
 class AdaptiveState:
-    """What the adaptive controller carries between calibrations (checkpointed).
+    """What the adaptive controller carries between calibrations (checkpointed)."""
 
-    The gain ``c = V_act / proxy`` is a ratio of moving averages (not an average of ratios):
-    single V_act estimates are heavy-tailed, and averaging ratios, or their logs, would
-    under-estimate the mean and make the controller too aggressive.
-    """
-
-    var_act: float = 0.0  # moving averages of the measured V_act and of the proxy at the draws
-    proxy: float = 0.0
-    var_sgd_layers: list[float] | None = None  # smoothed per measured layer
+    history: list[CalibrationStats] = dataclasses.field(default_factory=list)  # newest last
     step: float = 0.1  # current trust region for moves of s
     direction: int = 0  # sign of the last move of s
     interval: int = 0
     next_step: int = 1
 
-    def gain(self, var_act: float, proxy: float, decay: float) -> float | None:
-        """Fold one measurement into the averages; the gain, or None while nothing sampled."""
-        if proxy > 0 and math.isfinite(var_act):
-            first = self.proxy == 0.0
-            self.var_act = var_act if first else decay * self.var_act + (1 - decay) * var_act
-            self.proxy = proxy if first else decay * self.proxy + (1 - decay) * proxy
-        return self.var_act / self.proxy if self.proxy > 0 and self.var_act > 0 else None
+    def remember(self, stats: CalibrationStats) -> None:
+        self.history = (self.history + [stats])[-MEMORY:]
 
-    def smooth_sgd(self, measured: Sequence[float], decay: float) -> tuple[list[float], bool]:
-        """The smoothed V_sgd per layer, and whether the total fell by more than
-        ``REGIME_CHANGE`` times (as when the loss collapses late in fine-tuning): then the
-        averages restart from this measurement, since smoothing would lag the fall and let the
-        added variance exceed its budget until it caught up. Rises are smoothed as usual: a
-        lagging budget is then only conservative."""
-        previous = self.var_sgd_layers
-        changed = previous is None or len(previous) != len(measured) or _fell(
-            sum(previous), sum(measured), REGIME_CHANGE)
-        if changed:
-            self.var_sgd_layers = list(measured)
-            if previous is not None:
-                self.var_act = self.proxy = 0.0  # the gain too is re-learned from now on
-        else:
-            self.var_sgd_layers = [decay * old + (1 - decay) * new
-                                   for old, new in zip(previous, measured)]
-        return list(self.var_sgd_layers), changed and previous is not None
+    def pool(self, decay: float) -> list[tuple[float, CalibrationStats]]:
+        """The remembered calibrations with weights ``decay ** age`` (newest: 1)."""
+        newest = len(self.history) - 1
+        return [(decay ** (newest - age), stats) for age, stats in enumerate(self.history)]
 
     def move(self, s: float, target: float, smallest: float = 0.01, largest: float = 0.4) -> float:
         """Move s toward the solved target within a trust region that doubles while moves agree
@@ -154,8 +255,10 @@ class AdaptiveState:
         self.next_step = step + self.interval
 
     def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"history": [stats.state_dict() for stats in self.history], "step": self.step,
+                "direction": self.direction, "interval": self.interval, "next_step": self.next_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, state[field.name])
+        self.history = [CalibrationStats.from_state_dict(s) for s in state["history"]]
+        self.step, self.direction = float(state["step"]), int(state["direction"])
+        self.interval, self.next_step = int(state["interval"]), int(state["next_step"])

@@ -107,16 +107,11 @@ def scalar_loss(loss_fn: LossFn, batch: Any) -> torch.Tensor:
 
 def measure(loss_fn: LossFn, batches: Sequence[Any], state: SamplingState,
             samplers: list[BlockSampler], sites: list[LinearSite],
-            params: list[nn.Parameter], subsets: list[torch.Tensor], draws: int | None = None,
-            act_ratios: list[float] | None = None) -> Measurement:
-    """Run the calibration passes and estimate the variances (scaled up from the subsets).
-
-    Args:
-        draws: activation-sampling draws per batch (default: one per batch, M x M in all).
-        act_ratios: the schedule the draws sample with (default: the current one).
-    """
-    draws = len(batches) if draws is None else draws
-    trial = list(state.act_ratios if act_ratios is None else act_ratios)
+            params: list[nn.Parameter], subsets: list[torch.Tensor]) -> Measurement:
+    """Run the paper's calibration passes and estimate the variances (scaled up from the
+    subsets): M activation-sampling draws per batch at the current ratios, M x M in all."""
+    draws = len(batches)
+    trial = list(state.act_ratios)
     exact: list[list[torch.Tensor]] = []
     act_sq = [0.0] * len(params)
     block_norms: list[list[torch.Tensor]] = []
@@ -173,7 +168,8 @@ def measure_model_flops(loss_fn: LossFn, batch: Any, state: SamplingState,
     saved_tally = state.tally
     state.tally = scratch
     try:
-        with sampling_mode(state, sample_acts=False, sample_weights=False):
+        with sampling_mode(state, sample_acts=False, sample_weights=False, record_samples=False,
+                           record_weight_variance=False):
             with FlopCounterMode(display=False) as forward_counter:
                 loss = scalar_loss(loss_fn, batch)
             with FlopCounterMode(display=False) as backward_counter:

@@ -26,13 +26,14 @@ class VCASConfig:
             (0 = apply the candidate schedule directly; the paper mentions 0.6 as an option).
         seed: seed of the controller's own sampling generator. ``None`` derives it from
             ``torch.initial_seed()`` so that the user's seed fixes it and no RNG draw is consumed.
-        controller: ``"paper"`` (the paper's rules, for reproducing it) or ``"adaptive"`` (solves
-            for the operating point at each calibration; see :mod:`vcas.adaptive`).
+        controller: ``"paper"`` (the paper's rules, for reproducing it) or ``"adaptive"``
+            (calibrates on training steps whose backward runs exactly and records per-sample
+            statistics, then solves for the operating point; see :mod:`vcas.adaptive`).
         min_update_every: adaptive only: the shortest calibration interval (default
             ``max(1, update_every // 10)``); the interval doubles up to ``update_every`` while the
-            ratios are stable. The first calibration runs at the first step.
-        smoothing: adaptive only: decay of the averages of V_sgd and of the V_act / proxy gain
-            across calibrations (0 = use each calibration alone).
+            ratios are stable. The first training step is a calibration step.
+        smoothing: adaptive only: the weight of a calibration in the pooled statistics decays by
+            this factor with each newer one (0 = use each calibration alone).
         min_weight_ratio: adaptive only: the smallest weight keep ratio the solver may choose.
         recompute_below: a block whose activation keep ratio is at most this when its forward
             runs keeps only its linear outputs and dropout masks instead of all activations and,
@@ -52,7 +53,7 @@ class VCASConfig:
     seed: int | None = None
     controller: str = "paper"
     min_update_every: int | None = None
-    smoothing: float = 0.5
+    smoothing: float = 0.7
     min_weight_ratio: float = 0.05
     recompute_below: float = 0.5
 

@@ -13,15 +13,23 @@ from torch import nn
 from . import adaptive, calibration, diagnostics, distributed
 from .config import VCASConfig
 from .discovery import BlockSpec, ModuleFilter, plan_model
+from .accounting import CALIBRATION
 from .errors import AttachError, ConfigError, StateDictError
 from .explain import Explanation
+from .ops.conv import ConvSite
+from .ops.records import weight_slices
 from .rewrite import Installation
 from .sampling import share_schedule
 from .state import SamplingState
 
 logger = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+
+# SamplingState flags of an adaptive calibration step: an exact backward that records
+# per-sample statistics (vcas.adaptive) and the SampleW row scores.
+_RECORDING = {"sample_acts": False, "sample_weights": False, "record_samples": True,
+              "record_weight_variance": True}
 
 
 class Controller:
@@ -53,6 +61,13 @@ class Controller:
         self.linear_names = [name for name, _, _ in linears]
         self.conv_names = [name for name, _ in plan.convs]
         self._params = self._measured_parameters(block_list)
+        self._measured_sites = self._sites_of(self._params)
+        if self.config.controller == "adaptive" and not any(self._measured_sites):
+            self._installation.remove()
+            raise AttachError(
+                "controller='adaptive' measures per-sample gradients in the sampled linear or "
+                "convolution layers, and this model has none with a trainable weight; use "
+                "VCASConfig(controller='paper')")
         self._subsets = self._parameter_subsets(seed)
         self._s = 1.0
         self._adaptive = True
@@ -63,8 +78,11 @@ class Controller:
         self._last: calibration.Measurement | None = None
         self.history: list[dict[str, Any]] = []
         self._adaptive_state = adaptive.AdaptiveState()
+        self._saved_flags: dict[str, Any] | None = None  # set while a calibration step records
         self._batch_source: tuple[Any, Iterator[Any]] | None = None
         self._detached = False
+        if self.config.controller == "adaptive":
+            self._start_recording()  # the first training step calibrates
         logger.info("vcas attached to %s: %s; %s", type(model).__name__,
                     Explanation.from_plan(model, plan).summary(), self.config)
 
@@ -83,17 +101,37 @@ class Controller:
             raise AttachError("the blocks have no trainable parameters: nothing to sample")
         return params
 
+    def _sites_of(self, params: list[nn.Parameter]) -> list[Any]:
+        """The sampled layer owning each measured weight (None for a block parameter)."""
+        by_weight = {id(site.module.weight): site
+                     for site in self._installation.linear_sites + self._installation.conv_sites}
+        return [by_weight.get(id(p)) for p in params]
+
     def _parameter_subsets(self, seed: int) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
         subsets = []
-        for param in self._params:
+        for param, site in zip(self._params, self._measured_sites):
             size = max(1, math.ceil(self.config.param_fraction * param.numel()))
             subsets.append(torch.randperm(param.numel(), generator=generator)[:size].sort().values)
+            if isinstance(site, ConvSite):
+                site.subset = subsets[-1]
+            elif site is not None:  # a linear: whole slices of its (out, in) weight (vcas.ops.records)
+                out_features, in_features = site.module.weight.shape[::-1 if site.transposed else 1]
+                site.slices = weight_slices(out_features, in_features, self.config.param_fraction,
+                                            generator)
         return subsets
 
     # ----------------------------------------------------------------- training-loop API
-    def maybe_calibrate(self, loss_fn: calibration.LossFn, batches: Iterable[Any]) -> bool:
-        """Count one optimizer step and calibrate every ``update_every`` steps.
+    def maybe_calibrate(self, loss_fn: calibration.LossFn | None = None,
+                        batches: Iterable[Any] | None = None) -> bool:
+        """Count one optimizer step (call it after ``optimizer.step()``) and update the ratios
+        when a calibration is due.
+
+        The paper's controller calibrates every ``update_every`` steps on ``mc_samples`` batches
+        of its own. The adaptive one calibrates on the training steps themselves: a calibration
+        step's backward runs exactly and records what the update needs, so ``loss_fn`` and
+        ``batches`` only serve to measure the model's FLOPs once (optional: without them FLOPs
+        are reported for the sampled layers only).
 
         Args:
             loss_fn: ``loss_fn(batch) -> scalar loss``, computed like the training loss.
@@ -106,15 +144,62 @@ class Controller:
         """
         self._check_attached()
         self._steps += 1
-        if not self._adaptive or not self._calibration_due():
+        if not self._adaptive:
             return False
+        if self.config.controller == "adaptive":
+            return self._adaptive_step(loss_fn, batches)
+        if self._steps % self.config.update_every != 0:
+            return False
+        if loss_fn is None or batches is None:
+            raise ValueError("the paper's controller calibrates on batches of its own: pass "
+                             "maybe_calibrate(loss_fn, batches)")
         self.calibrate(loss_fn, [self._next_batch(batches) for _ in range(self.config.mc_samples)])
         return True
 
-    def _calibration_due(self) -> bool:
-        if self.config.controller == "adaptive":
-            return self._steps >= self._adaptive_state.next_step
-        return self._steps % self.config.update_every == 0
+    def _adaptive_step(self, loss_fn: calibration.LossFn | None, batches: Iterable[Any] | None) -> bool:
+        """Update from the step that just recorded (if it did), and arm the next calibration step."""
+        updated = False
+        if self._saved_flags is not None:
+            stats = self._recorded_stats()
+            if stats is not None:
+                self._stop_recording()
+                if self._state.tally.other_forward_per_linear is None and loss_fn is not None \
+                        and batches is not None:
+                    self.measure_flops(loss_fn, self._next_batch(batches))
+                self._apply_stats(distributed.merge_stats(stats))
+                updated = True
+        if self._saved_flags is None and self._steps + 1 >= self._adaptive_state.next_step:
+            self._start_recording()
+        return updated
+
+    def _start_recording(self) -> None:
+        state = self._state
+        for site in self._installation.linear_sites + self._installation.conv_sites:
+            site.sample_records.clear()
+        for site in self._installation.linear_sites:
+            site.recorded_scores.clear()
+            site.recorded_variance.clear()
+        if self._saved_flags is None:
+            self._saved_flags = {name: getattr(state, name) for name in _RECORDING}
+        for name, value in _RECORDING.items():
+            setattr(state, name, value)
+
+    def _stop_recording(self) -> None:
+        if self._saved_flags is None:
+            return
+        for name, value in self._saved_flags.items():
+            setattr(self._state, name, value)
+        self._saved_flags = None
+
+    def _recorded_stats(self) -> adaptive.CalibrationStats | None:
+        """What the sampled layers recorded since recording started (None if nothing ran)."""
+        layers = [list(site.sample_records) if site is not None else [] for site in self._measured_sites]
+        if not any(layers):
+            return None
+        scales = [p.numel() / max(1, records[0].total.numel()) if records else 1.0
+                  for p, records in zip(self._params, layers)]
+        scores = [list(site.recorded_scores) for site in self._installation.linear_sites]
+        return adaptive.CalibrationStats(layers, scales, scores)
 
     def calibrate(self, loss_fn: calibration.LossFn, batches: Sequence[Any]) -> None:
         """Measure the variances on ``batches`` (at least 2) and update s, rho and nu now.
@@ -124,6 +209,9 @@ class Controller:
         """
         self._check_attached()
         batches = list(batches)
+        if self.config.controller == "adaptive":
+            self._calibrate_adaptive(loss_fn, batches)
+            return
         if len(batches) < 2:
             raise ConfigError(
                 f"calibrate needs at least 2 batches to estimate the SGD variance, got {len(batches)}")
@@ -134,18 +222,30 @@ class Controller:
                 calibration.sampling_mode(state, enabled=True):
             measurement = calibration.measure(
                 loss_fn, batches, state, self._installation.block_samplers,
-                self._installation.linear_sites, self._params, self._subsets,
-                **self._draw_settings())
+                self._installation.linear_sites, self._params, self._subsets)
         self._adaptive = True
         self._apply(distributed.merge_measurements(measurement))  # identical on every DDP rank
 
-    def _draw_settings(self) -> dict[str, Any]:
-        """The adaptive controller draws once per batch, at a schedule that samples somewhere
-        (else the variance gain cannot be measured); the paper's draws M times at the current one."""
-        if self.config.controller != "adaptive":
-            return {}
-        ratios = self._state.act_ratios
-        return {"draws": 1, "act_ratios": ratios if min(ratios) < 1.0 else [0.5] * len(ratios)}
+    def _calibrate_adaptive(self, loss_fn: calibration.LossFn, batches: list[Any]) -> None:
+        """An adaptive calibration on separate batches: one recording exact pass each."""
+        if not batches:
+            raise ConfigError("calibrate needs at least 1 batch")
+        if self._state.tally.other_forward_per_linear is None:
+            self.measure_flops(loss_fn, batches[0])
+        self._stop_recording()
+        self._start_recording()
+        try:
+            with calibration.preserved_training_state(self.model), distributed.no_sync(self._ddp), \
+                    calibration.sampling_mode(self._state, enabled=True, phase=CALIBRATION):
+                for batch in batches:
+                    loss = calibration.scalar_loss(loss_fn, batch)
+                    torch.autograd.grad(loss, self._params, allow_unused=True)
+            stats = self._recorded_stats()
+        finally:
+            self._stop_recording()
+        self._adaptive = True
+        if stats is not None:
+            self._apply_stats(distributed.merge_stats(stats))
 
     def measure_flops(self, loss_fn: calibration.LossFn, batch: Any) -> None:
         """Measure the model's FLOPs outside the sampled layers once, with
@@ -168,9 +268,6 @@ class Controller:
                 f"non-finite variance statistics at step {self._steps} (var_sgd={values[0]}, "
                 f"var_act={values[1]}, var_weight={values[2]}); ratios left unchanged")
             logger.warning("vcas: %s", self._last_skip_reason)
-        elif self.config.controller == "adaptive":
-            self._apply_adaptive(measurement)
-            self._updates += 1
         else:
             self._s = next_share(self._s, measurement.var_act, measurement.var_sgd, self.config)
             schedule = candidate_schedule(measurement.block_norms, self._s)
@@ -183,30 +280,43 @@ class Controller:
             self._updates += 1
         self.history.append({"step": self._steps, **self._ratio_stats(), **self._variance_stats()})
 
-    def _apply_adaptive(self, measurement: calibration.Measurement) -> None:
+    def _apply_stats(self, stats: adaptive.CalibrationStats) -> None:
         """Solve s and every nu for the variance budgets (see :mod:`vcas.adaptive`)."""
         config, memory = self.config, self._adaptive_state
-        var_sgd_layers, regime_change = memory.smooth_sgd(measurement.var_sgd_layers, config.smoothing)
-        proxy = adaptive.proxy_act_variance(measurement.block_norms, measurement.act_ratios)
-        gain = memory.gain(measurement.var_act, proxy, config.smoothing)
+        var_sgd = stats.sgd_variances()
+        if stats.samples < 2 or not all(math.isfinite(v) for v in var_sgd) or sum(var_sgd) <= 0:
+            self._skipped_updates += 1
+            self._last_skip_reason = (
+                f"calibration step {self._steps} gave no usable SGD variance ({stats.samples} "
+                f"samples, var_sgd={sum(var_sgd)}); ratios left unchanged")
+            logger.warning("vcas: %s", self._last_skip_reason)
+            memory.schedule_next(self._steps, False, config.shortest_interval, config.update_every)
+            return
+        memory.remember(stats)
+        pool = memory.pool(config.smoothing)
+        weighted = [(w, st.sgd_variances()) for w, st in pool]
+        pooled_sgd = [sum(w * values[layer] for w, values in weighted) for layer in range(len(var_sgd))]
+        above = [sampler.above for sampler in self._installation.block_samplers]
         previous_s, previous_nu = self._s, list(self._state.weight_ratios)
-        target = previous_s
-        if gain is not None:
-            budget = config.tau_act * sum(var_sgd_layers) / gain
-            target = adaptive.solve_share(measurement.block_norms, budget)
-            self._s = memory.move(previous_s, target)
-            self._state.act_ratios = candidate_schedule(measurement.block_norms, self._s)
-        by_param = {id(p): v for p, v in zip(self._params, var_sgd_layers)}
+        target = adaptive.solve_share(pool, above, config.tau_act * sum(pooled_sgd))
+        self._s = target if len(memory.history) == 1 else memory.move(previous_s, target)
+        self._state.act_ratios = candidate_schedule(adaptive.pooled_block_norms(pool), self._s)
+        by_param = {id(p): v for p, v in zip(self._params, pooled_sgd)}
         self._state.weight_ratios = [
-            adaptive.solve_weight_ratio(scores, config.tau_w * by_param.get(id(site.module.weight), 0.0),
+            adaptive.solve_weight_ratio([(w, sc) for w, st in pool for sc in st.row_scores[i]],
+                                        config.tau_w * by_param.get(id(site.module.weight), 0.0),
                                         config.min_weight_ratio)
-            for site, scores in zip(self._installation.linear_sites, measurement.row_scores)]
+            for i, site in enumerate(self._installation.linear_sites)]
         nu_moves = [abs(a - b) for a, b in zip(self._state.weight_ratios, previous_nu)]
         stable = abs(target - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves))
-        if regime_change:
-            memory.interval = 0  # back to the shortest interval
-        memory.schedule_next(self._steps, stable and not regime_change, config.shortest_interval,
-                             config.update_every)
+        memory.schedule_next(self._steps, stable, config.shortest_interval, config.update_every)
+        self._last = calibration.Measurement(
+            var_sgd, adaptive.act_variances(stats, above, self._state.act_ratios),
+            [adaptive.weight_variance([(1.0, sc) for sc in scores], nu)
+             for scores, nu in zip(stats.row_scores, self._state.weight_ratios)],
+            stats.block_norms(), stats.row_scores, list(self._state.act_ratios))
+        self._updates += 1
+        self.history.append({"step": self._steps, **self._ratio_stats(), **self._variance_stats()})
 
     def _linear_sgd_variances(self, measurement: calibration.Measurement) -> list[float]:
         """V_sgd of each sampled linear (0 for a frozen one, whose weight is not measured)."""
@@ -233,6 +343,7 @@ class Controller:
                 f"act ratios {new_act} decrease towards the output; a sample dropped near the "
                 "output stays dropped below, so ratios must not decrease from input to output")
         self._state.act_ratios, self._state.weight_ratios = new_act, new_weight
+        self._stop_recording()
         self._adaptive = False
 
     def check_variance(self, loss_fn: calibration.LossFn, batches: Sequence[Any],
@@ -254,6 +365,7 @@ class Controller:
         """Remove every hook and forward vcas installed; the model behaves exactly as before."""
         if self._detached:
             return
+        self._stop_recording()
         self._installation.remove()
         self._state.enabled = False
         self._detached = True
@@ -312,6 +424,7 @@ class Controller:
             "skipped_updates": self._skipped_updates,
             "tally": self._state.tally.state_dict(),
             "adaptive_state": self._adaptive_state.state_dict(),
+            "recording": self._saved_flags is not None,
             "generators": self._state.generator_states(),
             "history": [dict(entry) for entry in self.history],
         }
@@ -325,6 +438,7 @@ class Controller:
                 raise StateDictError(
                     f"state_dict {key} do not match this model: saved {len(state[key])}, "
                     f"model has {len(getattr(self, key))}; attach with the same blocks")
+        self._stop_recording()  # restore the flags before "adaptive" and the ratios are loaded
         self._seed = self._state.seed = int(state["seed"])
         self._subsets = self._parameter_subsets(self._seed)
         self._s = float(state["s"])
@@ -336,6 +450,9 @@ class Controller:
         self._skipped_updates = int(state["skipped_updates"])
         self._state.tally.load_state_dict(state["tally"])
         self._adaptive_state.load_state_dict(state["adaptive_state"])
+        self._stop_recording()
+        if state["recording"]:
+            self._start_recording()
         self._state.load_generator_states(state["generators"])
         self.history = [dict(entry) for entry in state["history"]]
 

@@ -12,6 +12,10 @@ from .accounting import FlopTally
 from .calibration import LossFn, preserved_training_state, sampling_mode, scalar_loss
 
 
+# A check runs between training steps, possibly while a calibration step is armed: record nothing.
+_NOT_RECORDING = {"record_samples": False, "record_norms": False, "record_weight_variance": False}
+
+
 def _full_grads(loss: torch.Tensor, params: list[torch.nn.Parameter], retain: bool) -> list[torch.Tensor]:
     grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
     return [torch.zeros(p.numel(), dtype=torch.float64) if g is None else g.detach().flatten().double().cpu()
@@ -31,7 +35,7 @@ def variance_check(model: torch.nn.Module, state: Any, params: list[torch.nn.Par
     exact_all, act_sq, weight_sq = [], 0.0, 0.0
     saved_tally, state.tally = state.tally, FlopTally()  # a check, not training: not counted
     try:
-        with preserved_training_state(model), sampling_mode(state, enabled=True):
+        with preserved_training_state(model), sampling_mode(state, enabled=True, **_NOT_RECORDING):
             for batch in batches:
                 with sampling_mode(state, sample_acts=False, sample_weights=False):
                     loss = scalar_loss(loss_fn, batch)

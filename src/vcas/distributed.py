@@ -21,10 +21,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .adaptive import CalibrationStats
 from .calibration import Measurement
 from .errors import AttachError
 
-__all__ = ["unwrap_model", "ddp_wrapper", "no_sync", "rank", "world_size", "merge_measurements"]
+__all__ = ["unwrap_model", "ddp_wrapper", "no_sync", "rank", "world_size", "merge_measurements",
+           "merge_stats"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -115,6 +117,24 @@ def merge_measurements(local: Measurement) -> Measurement:
         var_weight_layers=_mean_lists([m.var_weight_layers for m in ranks]),
         block_norms=[batch for m in ranks for batch in m.block_norms],
         row_scores=[[s for m in ranks for s in m.row_scores[site]] for site in range(len(ranks[0].row_scores))])
+
+
+def merge_stats(local: CalibrationStats) -> CalibrationStats:
+    """The adaptive controller's records of every rank pooled, identical on all ranks.
+
+    Each rank's passes are kept as passes of one step, in rank order: the pooled SGD variance
+    and the predicted sampling variances are then both W times those of the averaged gradient,
+    so their ratio, which the controller compares, is that of the global batch."""
+    if world_size() == 1:
+        return local
+    gathered: list[CalibrationStats | None] = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, local)
+    ranks = [stats for stats in gathered if stats is not None]
+    return CalibrationStats(
+        layers=[[r for stats in ranks for r in stats.layers[i]] for i in range(len(local.layers))],
+        scales=list(local.scales),
+        row_scores=[[sc for stats in ranks for sc in stats.row_scores[i]]
+                    for i in range(len(local.row_scores))])
 
 
 def _mean_lists(lists: list[list[float]]) -> list[float]:

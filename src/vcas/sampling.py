@@ -17,25 +17,30 @@ def capped_proportional_probs(scores: torch.Tensor, budget: float) -> torch.Tens
     keeps every positive score with probability 1.
 
     Args:
-        scores: 1-D tensor of non-negative, finite scores (e.g. per-sample gradient norms).
-        budget: expected number of kept items, ``k = ratio * n``.
+        scores: non-negative, finite scores (e.g. per-sample gradient norms); a 1-D tensor, or
+            a 2-D tensor whose rows are solved independently (the controller's simulations).
+        budget: expected number of kept items per row, ``k = ratio * n``.
     """
-    scores = scores.detach().float()
-    positive = scores > 0
-    n_positive = int(positive.sum())
-    if n_positive == 0 or budget <= 0:
+    scores = scores.detach()
+    scores = scores if scores.dtype == torch.float64 else scores.float()
+    rows = scores.reshape(-1, scores.shape[-1]) if scores.dim() else scores.reshape(1, 1)
+    positive = rows > 0
+    if budget <= 0:
         return torch.zeros_like(scores)
-    if budget >= n_positive:
-        return positive.float()
-    ordered, _ = torch.sort(scores, descending=True)
-    # tail[m] = sum of all scores ranked below the m largest (m capped items).
-    tail = ordered.flip(0).cumsum(0).flip(0)
-    m = torch.arange(ordered.numel(), device=scores.device, dtype=scores.dtype)
-    # The smallest m for which the (m+1)-th largest score is not capped by c = (k - m) / tail[m].
+    ordered, _ = torch.sort(rows, dim=1, descending=True)
+    # tail[:, m] = sum of the scores ranked below the m largest (m capped items).
+    tail = ordered.flip(1).cumsum(1).flip(1)
+    m = torch.arange(rows.shape[1], device=rows.device, dtype=rows.dtype)
+    # The smallest m for which the (m+1)-th largest score is not capped by c = (k - m) / tail[m]
+    # (it exists whenever the budget is below the number of positive scores).
     fits = (budget - m) * ordered <= tail
-    n_capped = int(torch.nonzero(fits)[0])
-    scale = (budget - n_capped) / float(tail[n_capped])
-    return (scores * scale).clamp_(max=1.0)
+    n_capped = fits.int().argmax(dim=1, keepdim=True)
+    free_tail = tail.gather(1, n_capped)
+    scale = (budget - n_capped.to(rows.dtype)) / free_tail.clamp(min=torch.finfo(rows.dtype).tiny)
+    probs = (rows * scale).clamp_(max=1.0)
+    keep_all = positive.sum(1, keepdim=True) <= budget
+    probs = torch.where(keep_all, positive.to(rows.dtype), probs)
+    return probs.reshape(scores.shape)
 
 
 def bernoulli_weights(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -19,6 +19,10 @@ class SamplingState:
         record_norms: blocks record their per-sample gradient norms (calibration exact pass).
         record_weight_variance: linear layers record the analytic SampleW variance under their
             current ratio without sampling (calibration SampleA-only passes).
+        record_samples: sampled layers with a weight subset record per-sample weight-gradient
+            statistics (:mod:`vcas.ops.records`; the adaptive controller's exact passes).
+        last_block: while recording samples, the block whose sampler the gradient passed last.
+        pass_norms: while recording samples, the per-sample norms each sampler saw in this pass.
         phase: the accounting bucket FLOPs go to (``"train"`` or ``"calibration"``).
         act_ratios: keep ratio per block, input side first.
         weight_ratios: keep ratio per sampled linear layer.
@@ -37,6 +41,9 @@ class SamplingState:
         self.sample_weights = True
         self.record_norms = False
         self.record_weight_variance = False
+        self.record_samples = False
+        self.last_block: int | None = None
+        self.pass_norms: dict[int, torch.Tensor] = {}
         self.phase = TRAIN
         self.act_ratios = [1.0] * n_blocks
         self.weight_ratios = [1.0] * n_linears

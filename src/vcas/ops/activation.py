@@ -47,6 +47,9 @@ class BlockSampler:
     def forward_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not (self.state.enabled and torch.is_grad_enabled()):
             return
+        if self.state.record_samples:
+            # The backward that follows starts above every block, with a fresh set of norms.
+            self.state.last_block, self.state.pass_norms = None, {}
         hidden = find_hidden_state(output)
         if hidden is None or not hidden.requires_grad:
             return
@@ -67,6 +70,9 @@ class BlockSampler:
             return None
         if state.record_norms:
             self.recorded_norms.append(norms.detach().cpu())
+        if state.record_samples:
+            state.last_block = self.index
+            state.pass_norms[self.index] = norms.detach().cpu()
         ratio = state.act_ratios[self.index]
         above = 1.0 if self.above is None else state.act_ratios[self.above]
         if not state.sample_acts or ratio >= above:

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..accounting import FlopBucket
+from ..accounting import CALIBRATION, FlopBucket
 from ..state import SamplingState
 from .activation import nonzero_indices, per_sample_norms
 from .autocast import autocast_inputs
+from .records import SampleRecord, conv_contributions, summarize
 
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
@@ -42,6 +43,8 @@ class ConvSite:
         self.state = state
         self.original_forward: Callable[..., torch.Tensor] = type(module).forward.__get__(module)
         self.direct = type(module) in _PLAIN and module.padding_mode == "zeros"
+        self.subset: torch.Tensor | None = None  # as in LinearSite
+        self.sample_records: list[SampleRecord] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         # A compact block's graph-free forward and its re-run go through the sampled op too,
@@ -149,7 +152,12 @@ class _SampledConvFunction(torch.autograd.Function):
         products = int(need_x) + int(need_w)
         flops = FlopBucket(backward_exact=ctx.per_sample * grad_out.shape[0] * products,
                            backward_done=ctx.per_sample * n_rows * products)
-        ctx.site.state.count_backward(flops)
+        state = ctx.site.state
+        state.count_backward(flops)
+        if need_w and state.record_samples and ctx.site.subset is not None:
+            contributions = conv_contributions(grad_out, x, weight, ctx.geometry, ctx.site.subset)
+            ctx.site.sample_records.append(summarize(contributions, state))
+            state.tally.bucket(CALIBRATION).add(FlopBucket(backward_done=ctx.per_sample * grad_out.shape[0]))
         return grad_x, grad_w, grad_b, None, None, None
 
 

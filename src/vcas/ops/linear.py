@@ -12,11 +12,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..accounting import FlopBucket
+from ..accounting import CALIBRATION, FlopBucket
 from ..sampling import bernoulli_weights, capped_proportional_probs, sampling_variance
 from ..state import SamplingState
 from .activation import nonzero_indices
 from .autocast import autocast_inputs
+from .records import SampleRecord, linear_contributions, summarize
 
 
 class LinearSite:
@@ -37,6 +38,17 @@ class LinearSite:
         self.function: type[torch.autograd.Function] = _SampledLinearFunction
         self.recorded_variance: list[float] = []
         self.recorded_scores: list[torch.Tensor] = []
+        # The weight slices whose per-sample gradients are recorded (set by the controller for
+        # measured weights; see vcas.ops.records), and the records of the current calibration.
+        self.slices: tuple[int, torch.Tensor] | None = None
+        self.sample_records: list[SampleRecord] = []
+
+    def record_samples(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+        """Append this pass's per-sample statistics on the slices (exact passes only)."""
+        contributions = linear_contributions(grad_out, x, self.slices)
+        self.sample_records.append(summarize(contributions, self.state))
+        extra = FlopBucket(backward_done=2.0 * _rows(x) * contributions.shape[1])
+        self.state.tally.bucket(CALIBRATION).add(extra)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state
@@ -112,6 +124,8 @@ class _SampledLinearFunction(torch.autograd.Function):
             flops.backward_done += per_row * n_kept
         grad_b = g_rows.sum(0) if (need_b and ctx.has_bias) else None
         site.state.count_backward(flops)
+        if need_w and site.state.record_samples and site.slices is not None:
+            site.record_samples(grad_out, x)
         return grad_x, grad_w, grad_b, None, None
 
 
