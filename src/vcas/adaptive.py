@@ -37,7 +37,7 @@ from .ops.records import SampleRecord
 from .sampling import capped_proportional_probs, sampling_variance, share_schedule
 
 # Calibrations pooled by the decision rule (older ones have decayed away anyway).
-MEMORY = 8
+MEMORY = 16
 # Monte Carlo draws of the samplers above a nested one (the top sampler is exact).
 SIMULATION_DRAWS = 64
 

@@ -53,7 +53,7 @@ class VCASConfig:
     seed: int | None = None
     controller: str = "paper"
     min_update_every: int | None = None
-    smoothing: float = 0.7
+    smoothing: float = 0.8
     min_weight_ratio: float = 0.05
     recompute_below: float = 0.5
 
