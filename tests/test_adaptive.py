@@ -294,3 +294,15 @@ def test_adaptive_needs_sampled_layers_and_leaves_the_model_untouched():
         vcas.attach(model, vcas.VCASConfig(controller="adaptive"), blocks=["blocks.0", "blocks.1"])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_a_checkpoint_from_before_the_recording_controller_still_loads():
+    torch.manual_seed(0)
+    ctl = vcas.attach(TinyTransformer(depth=2), vcas.VCASConfig(seed=0))
+    ctl.set_ratios(act=0.5)
+    old = {**ctl.state_dict(), "version": 1,
+           "adaptive_state": {"var_act": 0.0, "proxy": 0.0, "var_sgd_layers": None}}
+    del old["recording"]
+    other = vcas.attach(TinyTransformer(depth=2), vcas.VCASConfig(seed=0))
+    other.load_state_dict(old)
+    assert other.stats()["act_ratios"] == [0.5, 0.5] and not other.stats()["adaptive"]

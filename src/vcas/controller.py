@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -82,6 +83,7 @@ class Controller:
         self._batch_source: tuple[Any, Iterator[Any]] | None = None
         self._detached = False
         if self.config.controller == "adaptive":
+            _warn_if_samples_interact(model)
             self._start_recording()  # the first training step calibrates
         logger.info("vcas attached to %s: %s; %s", type(model).__name__,
                     Explanation.from_plan(model, plan).summary(), self.config)
@@ -431,7 +433,9 @@ class Controller:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; the model's blocks and linears must match."""
-        if state.get("version") != _STATE_VERSION:
+        if state.get("version") == 1:  # before the adaptive controller recorded on training steps
+            state = {**state, "adaptive_state": adaptive.AdaptiveState().state_dict(), "recording": False}
+        elif state.get("version") != _STATE_VERSION:
             raise StateDictError(f"unsupported vcas state version {state.get('version')!r}")
         for key in ("block_names", "linear_names"):
             if list(state[key]) != getattr(self, key):
@@ -511,6 +515,18 @@ def _ratios(name: str, value: float | Sequence[float] | None, current: list[floa
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ConfigError(f"{name} ratio {ratio!r} is invalid: keep ratios must be in (0, 1]")
     return [float(r) for r in values]
+
+
+def _warn_if_samples_interact(model: nn.Module) -> None:
+    """The adaptive controller's per-sample statistics assume samples independent in the backward."""
+    norms = [name for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if norms:
+        warnings.warn(
+            f"controller='adaptive' estimates variances from per-sample gradients, which assumes "
+            f"the samples of a batch do not interact; BatchNorm in training mode ({norms[0]}"
+            f"{' and others' if len(norms) > 1 else ''}) mixes them, so its estimates are "
+            "approximate. Use controller='paper', or freeze BatchNorm (eval mode).", stacklevel=3)
 
 
 def _rank() -> int:
