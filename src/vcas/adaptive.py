@@ -33,6 +33,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .calibration import Measurement
 from .ops.records import SampleRecord
 from .sampling import capped_proportional_probs, sampling_variance, share_schedule
 
@@ -165,6 +166,13 @@ def act_variances(stats: CalibrationStats, above: Sequence[int | None],
 Pool = Sequence[tuple[float, CalibrationStats]]
 
 
+def pooled_sgd_variances(pool: Pool) -> list[float]:
+    """Per measured weight, the weighted sum of the calibrations' SGD variances."""
+    weighted = [(weight, stats.sgd_variances()) for weight, stats in pool]
+    n_layers = len(weighted[0][1]) if weighted else 0
+    return [sum(weight * values[layer] for weight, values in weighted) for layer in range(n_layers)]
+
+
 def pooled_block_norms(pool: Pool) -> list[list[torch.Tensor | None]]:
     return [batch for _, stats in pool for batch in stats.block_norms()]
 
@@ -218,6 +226,23 @@ def solve_weight_ratio(scores: Sequence[tuple[float, torch.Tensor]], budget: flo
         else:
             low = middle
     return high
+
+
+def solve_weight_ratios(pool: Pool, budgets: Sequence[float], floor: float) -> list[float]:
+    """Each sampled linear's nu against its budget, on the pooled row scores."""
+    return [solve_weight_ratio([(w, sc) for w, stats in pool for sc in stats.row_scores[site]],
+                               budget, floor)
+            for site, budget in enumerate(budgets)]
+
+
+def summary(stats: CalibrationStats, above: Sequence[int | None], act_ratios: Sequence[float],
+            weight_ratios: Sequence[float]) -> Measurement:
+    """This calibration's variances at the new ratios, in the form ``Controller.stats`` reports."""
+    return Measurement(
+        stats.sgd_variances(), act_variances(stats, above, act_ratios),
+        [weight_variance([(1.0, sc) for sc in scores], nu)
+         for scores, nu in zip(stats.row_scores, weight_ratios)],
+        stats.block_norms(), stats.row_scores, list(act_ratios))
 
 
 @dataclasses.dataclass

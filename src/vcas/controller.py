@@ -110,6 +110,8 @@ class Controller:
         return [by_weight.get(id(p)) for p in params]
 
     def _parameter_subsets(self, seed: int) -> list[torch.Tensor]:
+        """The random 1 % of each measured weight: flat entries for the paper's calibration and
+        the convolutions' records, whole slices for the linears' records (vcas.ops.records)."""
         generator = torch.Generator().manual_seed(seed)
         subsets = []
         for param, site in zip(self._params, self._measured_sites):
@@ -117,7 +119,7 @@ class Controller:
             subsets.append(torch.randperm(param.numel(), generator=generator)[:size].sort().values)
             if isinstance(site, ConvSite):
                 site.subset = subsets[-1]
-            elif site is not None:  # a linear: whole slices of its (out, in) weight (vcas.ops.records)
+            elif site is not None:
                 out_features, in_features = site.module.weight.shape[::-1 if site.transposed else 1]
                 site.slices = weight_slices(out_features, in_features, self.config.param_fraction,
                                             generator)
@@ -296,27 +298,20 @@ class Controller:
             return
         memory.remember(stats)
         pool = memory.pool(config.smoothing)
-        weighted = [(w, st.sgd_variances()) for w, st in pool]
-        pooled_sgd = [sum(w * values[layer] for w, values in weighted) for layer in range(len(var_sgd))]
+        pooled_sgd = adaptive.pooled_sgd_variances(pool)
         above = [sampler.above for sampler in self._installation.block_samplers]
         previous_s, previous_nu = self._s, list(self._state.weight_ratios)
         target = adaptive.solve_share(pool, above, config.tau_act * sum(pooled_sgd))
         self._s = target if len(memory.history) == 1 else memory.move(previous_s, target)
         self._state.act_ratios = candidate_schedule(adaptive.pooled_block_norms(pool), self._s)
         by_param = {id(p): v for p, v in zip(self._params, pooled_sgd)}
-        self._state.weight_ratios = [
-            adaptive.solve_weight_ratio([(w, sc) for w, st in pool for sc in st.row_scores[i]],
-                                        config.tau_w * by_param.get(id(site.module.weight), 0.0),
-                                        config.min_weight_ratio)
-            for i, site in enumerate(self._installation.linear_sites)]
+        budgets = [config.tau_w * by_param.get(id(site.module.weight), 0.0)
+                   for site in self._installation.linear_sites]
+        self._state.weight_ratios = adaptive.solve_weight_ratios(pool, budgets, config.min_weight_ratio)
         nu_moves = [abs(a - b) for a, b in zip(self._state.weight_ratios, previous_nu)]
         stable = abs(target - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves))
         memory.schedule_next(self._steps, stable, config.shortest_interval, config.update_every)
-        self._last = calibration.Measurement(
-            var_sgd, adaptive.act_variances(stats, above, self._state.act_ratios),
-            [adaptive.weight_variance([(1.0, sc) for sc in scores], nu)
-             for scores, nu in zip(stats.row_scores, self._state.weight_ratios)],
-            stats.block_norms(), stats.row_scores, list(self._state.act_ratios))
+        self._last = adaptive.summary(stats, above, self._state.act_ratios, self._state.weight_ratios)
         self._updates += 1
         self.history.append({"step": self._steps, **self._ratio_stats(), **self._variance_stats()})
 
