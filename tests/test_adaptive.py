@@ -143,7 +143,7 @@ def _synthetic_stats(seed: int, noise: float = 0.0) -> CalibrationStats:
         c = pass_norms[block][:, None] * torch.randn(SAMPLES, 16, generator=g, dtype=torch.float64) / 4
         layers.append([SampleRecord(block, c.pow(2).sum(1), c.sum(0), pass_norms)])
     scores = [[torch.rand(64, generator=g, dtype=torch.float64)] for _ in range(BLOCKS * 4)]
-    return CalibrationStats(layers, [1.0] * BLOCKS, scores)
+    return CalibrationStats(layers, [1.0] * BLOCKS, scores, BLOCKS)
 
 
 ABOVE = [1, 2, None]
@@ -306,3 +306,15 @@ def test_a_checkpoint_from_before_the_recording_controller_still_loads():
     other = vcas.attach(TinyTransformer(depth=2), vcas.VCASConfig(seed=0))
     other.load_state_dict(old)
     assert other.stats()["act_ratios"] == [0.5, 0.5] and not other.stats()["adaptive"]
+
+
+def test_a_block_that_recorded_nothing_keeps_everything():
+    stats = _synthetic_stats(0)
+    for records in stats.layers:
+        for record in records:
+            record.pass_norms.pop(BLOCKS - 1, None)  # the top block's sampler never fired
+    stats.layers[BLOCKS - 1] = []
+    pool = [(1.0, stats)]
+    ratios = share_schedule(adaptive.pooled_block_norms(pool), 0.5)
+    assert len(ratios) == BLOCKS and ratios[-1] == 1.0
+    assert 0.0 <= adaptive.solve_share(pool, ABOVE, TAU * sum(stats.sgd_variances())) <= 1.0

@@ -51,11 +51,13 @@ class CalibrationStats:
         layers: per measured weight, one :class:`SampleRecord` per backward pass.
         scales: per measured weight, its number of entries over the subset size.
         row_scores: per sampled linear, the SampleW row scores of each pass.
+        n_blocks: the model's number of sampled blocks (some may record nothing).
     """
 
     layers: list[list[SampleRecord]]
     scales: list[float]
     row_scores: list[list[torch.Tensor]]
+    n_blocks: int
 
     @property
     def samples(self) -> int:
@@ -77,8 +79,7 @@ class CalibrationStats:
 
     def block_norms(self) -> list[list[torch.Tensor | None]]:
         """Per backward pass, per block: the per-sample gradient norms the samplers recorded."""
-        n_blocks = 1 + max((b for p in self._passes() for b in p), default=-1)
-        return [[norms.get(block) for block in range(n_blocks)] for norms in self._passes()]
+        return [[norms.get(block) for block in range(self.n_blocks)] for norms in self._passes()]
 
     def _passes(self) -> list[dict[int, torch.Tensor]]:
         seen: dict[int, dict[int, torch.Tensor]] = {}
@@ -90,7 +91,7 @@ class CalibrationStats:
     def state_dict(self) -> dict[str, Any]:
         passes = {id(p): i for i, p in enumerate(self._passes())}
         return {"passes": [dict(p) for p in self._passes()], "scales": list(self.scales),
-                "row_scores": self.row_scores,
+                "row_scores": self.row_scores, "n_blocks": self.n_blocks,
                 "layers": [[(passes.get(id(r.pass_norms)), r.block, r.squared_norms, r.total)
                             for r in records] for records in self.layers]}
 
@@ -99,7 +100,7 @@ class CalibrationStats:
         passes = [dict(p) for p in state["passes"]]
         layers = [[SampleRecord(block, squares, total, passes[index] if index is not None else {})
                    for index, block, squares, total in records] for records in state["layers"]]
-        return cls(layers, list(state["scales"]), state["row_scores"])
+        return cls(layers, list(state["scales"]), state["row_scores"], int(state["n_blocks"]))
 
 
 def second_moments(norms: dict[int, torch.Tensor], above: Sequence[int | None],

@@ -203,7 +203,7 @@ class Controller:
         scales = [p.numel() / max(1, records[0].total.numel()) if records else 1.0
                   for p, records in zip(self._params, layers)]
         scores = [list(site.recorded_scores) for site in self._installation.linear_sites]
-        return adaptive.CalibrationStats(layers, scales, scores)
+        return adaptive.CalibrationStats(layers, scales, scores, len(self.block_names))
 
     def calibrate(self, loss_fn: calibration.LossFn, batches: Sequence[Any]) -> None:
         """Measure the variances on ``batches`` (at least 2) and update s, rho and nu now.

@@ -134,7 +134,8 @@ def merge_stats(local: CalibrationStats) -> CalibrationStats:
         layers=[[r for stats in ranks for r in stats.layers[i]] for i in range(len(local.layers))],
         scales=list(local.scales),
         row_scores=[[sc for stats in ranks for sc in stats.row_scores[i]]
-                    for i in range(len(local.row_scores))])
+                    for i in range(len(local.row_scores))],
+        n_blocks=local.n_blocks)
 
 
 def _mean_lists(lists: list[list[float]]) -> list[float]:
