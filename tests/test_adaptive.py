@@ -259,7 +259,9 @@ def test_the_first_training_step_calibrates_with_an_exact_backward():
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad)  # the calibration step trains exactly
     model.zero_grad()
+    assert ctl.calibrating
     assert ctl.maybe_calibrate() is True and ctl.stats()["updates"] == 1
+    assert not ctl.calibrating or ctl._adaptive_state.next_step == 2
     ran = _loop(model, ctl, 30)
     assert sum(ran) >= 3
     assert ctl.stats()["s"] < 1.0 and ctl.stats()["bp_flops_reduction"] > 0

@@ -399,6 +399,12 @@ class Controller:
                 "var_weight_layers": list(last.var_weight_layers)}
 
     @property
+    def calibrating(self) -> bool:
+        """True while the coming training steps are an adaptive calibration step: their backward
+        runs exactly and records per-sample statistics (until the next ``maybe_calibrate``)."""
+        return self._saved_flags is not None
+
+    @property
     def flops(self):
         """The :class:`~vcas.accounting.FlopTally` of this controller (read it, do not edit)."""
         return self._state.tally
