@@ -320,3 +320,16 @@ def test_a_block_that_recorded_nothing_keeps_everything():
     ratios = share_schedule(adaptive.pooled_block_norms(pool), 0.5)
     assert len(ratios) == BLOCKS and ratios[-1] == 1.0
     assert 0.0 <= adaptive.solve_share(pool, ABOVE, TAU * sum(stats.sgd_variances())) <= 1.0
+
+
+def test_gradient_accumulation_records_every_micro_batch_of_the_calibration_step():
+    torch.manual_seed(0)
+    model = TinyTransformer(depth=2)
+    ctl = vcas.attach(model, vcas.VCASConfig(controller="adaptive", update_every=10, seed=0))
+    for micro in range(2):  # one optimizer step of two micro-batches
+        inputs, labels = token_batch(n=8, seed=micro)
+        (F.cross_entropy(model(inputs), labels) / 2).backward()
+    stats = ctl._recorded_stats()
+    assert all(len(records) == 2 for records in stats.layers)
+    assert stats.samples == 16 and len(stats.block_norms()) == 2
+    assert ctl.maybe_calibrate() and ctl.stats()["updates"] == 1
