@@ -89,10 +89,11 @@ class CalibrationStats:
         return [norms for norms in seen.values() if norms]
 
     def state_dict(self) -> dict[str, Any]:
-        passes = {id(p): i for i, p in enumerate(self._passes())}
-        return {"passes": [dict(p) for p in self._passes()], "scales": list(self.scales),
+        passes = self._passes()
+        index = {id(p): i for i, p in enumerate(passes)}
+        return {"passes": [dict(p) for p in passes], "scales": list(self.scales),
                 "row_scores": self.row_scores, "n_blocks": self.n_blocks,
-                "layers": [[(passes.get(id(r.pass_norms)), r.block, r.squared_norms, r.total)
+                "layers": [[(index.get(id(r.pass_norms)), r.block, r.squared_norms, r.total)
                             for r in records] for records in self.layers]}
 
     @classmethod

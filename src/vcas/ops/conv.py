@@ -26,7 +26,7 @@ from ..accounting import CALIBRATION, FlopBucket
 from ..state import SamplingState
 from .activation import nonzero_indices, per_sample_norms
 from .autocast import autocast_inputs
-from .records import SampleRecord, conv_contributions, summarize
+from .records import SampleRecord, summarize
 
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
@@ -45,6 +45,19 @@ class ConvSite:
         self.direct = type(module) in _PLAIN and module.padding_mode == "zeros"
         self.subset: torch.Tensor | None = None  # as in LinearSite
         self.sample_records: list[SampleRecord] = []
+
+    def record_samples(self, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                       geometry: tuple, per_sample_flops: float) -> None:
+        """Append this pass's per-sample weight-gradient entries on the subset (exact passes
+        only), one sample at a time: one extra weight-gradient product, on calibration steps."""
+        subset = self.subset.to(weight.device)
+        mask = (False, True, False)
+        contributions = torch.stack([
+            _convolution_backward(grad_out[i:i + 1], x[i:i + 1], weight, geometry, mask)[1]
+            .reshape(-1).index_select(0, subset).float() for i in range(x.shape[0])])
+        self.sample_records.append(summarize(contributions, self.state))
+        extra = FlopBucket(backward_done=per_sample_flops * grad_out.shape[0])
+        self.state.tally.bucket(CALIBRATION).add(extra)
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         # A compact block's graph-free forward and its re-run go through the sampled op too,
@@ -152,12 +165,10 @@ class _SampledConvFunction(torch.autograd.Function):
         products = int(need_x) + int(need_w)
         flops = FlopBucket(backward_exact=ctx.per_sample * grad_out.shape[0] * products,
                            backward_done=ctx.per_sample * n_rows * products)
-        state = ctx.site.state
-        state.count_backward(flops)
-        if need_w and state.record_samples and ctx.site.subset is not None:
-            contributions = conv_contributions(grad_out, x, weight, ctx.geometry, ctx.site.subset)
-            ctx.site.sample_records.append(summarize(contributions, state))
-            state.tally.bucket(CALIBRATION).add(FlopBucket(backward_done=ctx.per_sample * grad_out.shape[0]))
+        site = ctx.site
+        site.state.count_backward(flops)
+        if need_w and site.state.record_samples and site.subset is not None:
+            site.record_samples(grad_out, x, weight, ctx.geometry, ctx.per_sample)
         return grad_x, grad_w, grad_b, None, None, None
 
 

@@ -2,9 +2,9 @@
 controller (:mod:`vcas.adaptive`).
 
 For a random subset of a layer's weight entries (whole rows or columns of a linear weight,
-single entries of a convolution's), each sample's contribution ``c_i`` to the weight gradient is
-computed from the tensors the backward already has (the layer's input and
-its output gradient). From the contributions of one batch the controller gets the SGD variance
+single entries of a convolution's, see ``ConvSite.record_samples``), each sample's contribution
+``c_i`` to the weight gradient is computed from the tensors the backward already has (the
+layer's input and its output gradient). From the contributions of one batch the controller gets the SGD variance
 (their spread) and, for any activation keep ratios, the variance activation sampling would add
 (``sum_i (E[w_i^2] - 1) ||c_i||^2``), without extra passes.
 """
@@ -16,6 +16,7 @@ import math
 from typing import Any
 
 import torch
+
 
 @dataclasses.dataclass(eq=False)
 class SampleRecord:
@@ -62,21 +63,6 @@ def linear_contributions(grad_out: torch.Tensor, x: torch.Tensor,
     else:
         xs = xs.index_select(2, index)
     return torch.bmm(gy.transpose(1, 2), xs).reshape(samples, -1)
-
-
-def conv_contributions(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                       geometry: tuple, subset: torch.Tensor) -> torch.Tensor:
-    """(samples, subset) per-sample weight-gradient entries of a convolution, one sample at a
-    time (the cost of one extra weight-gradient product, paid on calibration steps only)."""
-    stride, padding, dilation, groups = geometry
-    subset = subset.to(weight.device)
-    parts = []
-    for i in range(x.shape[0]):
-        _, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_out[i:i + 1], x[i:i + 1], weight, None, stride, padding, dilation, False,
-            [0] * len(stride), groups, [False, True, False])
-        parts.append(grad_w.reshape(-1).index_select(0, subset).float())
-    return torch.stack(parts)
 
 
 def summarize(contributions: torch.Tensor, state: Any) -> SampleRecord:
