@@ -1,9 +1,10 @@
-"""Wall-clock of a bbc-minilm training step and of the paper controller's calibrations.
+"""Wall-clock of a training step on a built-in task and of the controllers' calibrations.
 
     python3 benchmarks/step_time.py exact 12     # exact training steps
     python3 benchmarks/step_time.py paper 21     # VCAS steps, calibrating every 10 steps
     python3 benchmarks/step_time.py 0.3 12       # VCAS at fixed keep ratios act = weight = 0.3
     python3 benchmarks/step_time.py adaptive 14  # adaptive controller, calibrating every 2-4 steps
+    python3 benchmarks/step_time.py 0.5 30 mnist-vit  # any mode on another built-in task (default bbc-minilm)
 
 Prints the median step time (forward, backward and optimizer step) and the total time spent in
 ``maybe_calibrate``; for ``adaptive`` also the median of its calibration steps (exact backward
@@ -22,8 +23,8 @@ from vcas.experiments import tasks
 from vcas.experiments.train import endless_batches
 
 
-def main(mode: str, steps: int) -> None:
-    task = tasks.builtin_task("bbc-minilm", 128)
+def main(mode: str, steps: int, task_name: str = "bbc-minilm") -> None:
+    task = tasks.builtin_task(task_name, 128)
     torch.manual_seed(0)
     model = task.build_model().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=task.lr)
@@ -58,4 +59,4 @@ def main(mode: str, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])

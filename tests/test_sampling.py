@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from vcas.sampling import (bernoulli_weights, capped_proportional_probs, monotone_schedule,
-                           norm_share_fraction, sampling_variance)
+from vcas.sampling import (SortedScores, bernoulli_weights, capped_proportional_probs,
+                           monotone_schedule, norm_share_fraction, sampling_variance)
 
 
 def test_capped_proportional_meets_budget_and_optimality_conditions():
@@ -38,6 +38,19 @@ def test_budget_above_positive_count_keeps_all_positive():
     p = capped_proportional_probs(torch.tensor([0.0, 2.0, 1.0]), 2.5)
     assert p.tolist() == [0.0, 1.0, 1.0]
     assert capped_proportional_probs(torch.zeros(4), 2.0).tolist() == [0.0] * 4
+
+
+def test_sorted_scores_variance_equals_solving_and_summing():
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.rand(n, generator=g, dtype=torch.float64) ** 4 for n in (40, 300, 1)]
+    rows[0][::3] = 0.0  # zero scores are never kept and do not count toward the budget
+    rows[1][:3] *= 100  # a few dominant scores get capped at probability 1
+    rows.append(torch.zeros(5))
+    sorted_rows = SortedScores(rows)
+    for ratio in [0.01, 0.05, 0.3, 0.7, 0.99, 1.0]:
+        expected = [float(sampling_variance(capped_proportional_probs(r, ratio * int((r > 0).sum())), r))
+                    for r in rows]
+        assert sorted_rows.variances(ratio).tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 def test_bernoulli_weights_are_unbiased_and_match_the_analytic_variance():

@@ -35,7 +35,7 @@ import torch
 
 from .calibration import Measurement
 from .ops.records import SampleRecord
-from .sampling import capped_proportional_probs, sampling_variance, share_schedule
+from .sampling import SortedScores, capped_proportional_probs, share_schedule
 
 # Calibrations pooled by the decision rule (older ones have decayed away anyway).
 MEMORY = 16
@@ -184,7 +184,7 @@ def pooled_act_variance(pool: Pool, above: Sequence[int | None], ratios: Sequenc
 
 
 def solve_share(pool: Pool, above: Sequence[int | None], budget: float,
-                iterations: int = 16) -> float:
+                iterations: int = 10) -> float:
     """The smallest s in [0, 1] whose schedule's pooled predicted V_act is within ``budget``."""
     norms = pooled_block_norms(pool)
     if not norms:
@@ -207,23 +207,30 @@ def solve_share(pool: Pool, above: Sequence[int | None], budget: float,
 
 def weight_variance(scores: Sequence[tuple[float, torch.Tensor]], ratio: float) -> float:
     """Weighted sum over recorded passes of the analytic SampleW variance at keep ratio ``ratio``."""
-    total = 0.0
-    for weight, row_scores in scores:
-        n = int((row_scores > 0).sum())
-        probs = capped_proportional_probs(row_scores, ratio * n)
-        total += weight * float(sampling_variance(probs, row_scores))
-    return total
+    return _WeightedScores(scores).variance(ratio)
+
+
+class _WeightedScores:
+    """Pooled row scores of one linear, sorted once for the bisection."""
+
+    def __init__(self, scores: Sequence[tuple[float, torch.Tensor]]) -> None:
+        self.sorted = SortedScores([row_scores for _, row_scores in scores])
+        self.weights = torch.tensor([weight for weight, _ in scores], dtype=torch.float64)
+
+    def variance(self, ratio: float) -> float:
+        return float((self.weights * self.sorted.variances(ratio)).sum())
 
 
 def solve_weight_ratio(scores: Sequence[tuple[float, torch.Tensor]], budget: float, floor: float,
-                       iterations: int = 14) -> float:
+                       iterations: int = 10) -> float:
     """The smallest nu in [floor, 1] with V_w(nu) <= budget (V_w grows as nu falls)."""
-    if weight_variance(scores, floor) <= budget:
+    pooled = _WeightedScores(scores)
+    if pooled.variance(floor) <= budget:
         return floor
     low, high = floor, 1.0
     for _ in range(iterations):
         middle = (low + high) / 2
-        if weight_variance(scores, middle) <= budget:
+        if pooled.variance(middle) <= budget:
             high = middle
         else:
             low = middle

@@ -62,6 +62,41 @@ def sampling_variance(probs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor
     return ((1.0 / p - 1.0) * scores[kept].double() ** 2).sum()
 
 
+class SortedScores:
+    """Rows of scores sorted once (descending, zero-padded to a common length, float64), so the
+    added variance of capped-proportional sampling can be evaluated at any budget without
+    sorting again: the controller's bisections evaluate it many times on the same scores."""
+
+    def __init__(self, rows: list[torch.Tensor]) -> None:
+        width = max((r.numel() for r in rows), default=0)
+        padded = torch.zeros(len(rows), width, dtype=torch.float64)
+        for i, row in enumerate(rows):
+            padded[i, :row.numel()] = row.detach().double().flatten()
+        self.ordered, _ = torch.sort(padded, dim=1, descending=True)
+        # tail[:, m] and tail_squares[:, m]: sums over the scores ranked below the m largest.
+        self.tail = self.ordered.flip(1).cumsum(1).flip(1)
+        self.tail_squares = self.ordered.pow(2).flip(1).cumsum(1).flip(1)
+        self.positive = (self.ordered > 0).sum(1)
+
+    def variances(self, ratio: float) -> torch.Tensor:
+        """Per row, :func:`sampling_variance` of :func:`capped_proportional_probs` at budget
+        ``ratio * (number of positive scores)``, in closed form.
+
+        With the m largest scores capped and ``c = (k - m) / tail[m]``, every uncapped score adds
+        ``(1/(c x) - 1) x^2``, which sums to ``tail[m]^2 / (k - m) - tail_squares[m]``."""
+        if self.ordered.numel() == 0:
+            return torch.zeros(self.ordered.shape[0], dtype=torch.float64)
+        budget = (ratio * self.positive.double()).unsqueeze(1)
+        m = torch.arange(self.ordered.shape[1], dtype=torch.float64)
+        fits = (budget - m) * self.ordered <= self.tail
+        n_capped = fits.int().argmax(dim=1, keepdim=True)
+        tail = self.tail.gather(1, n_capped)
+        free = (budget - n_capped.double()).clamp(min=torch.finfo(torch.float64).tiny)
+        variance = (tail.pow(2) / free - self.tail_squares.gather(1, n_capped)).clamp(min=0.0)
+        keep_all = self.positive.unsqueeze(1).double() <= budget
+        return torch.where(keep_all, torch.zeros_like(variance), variance).squeeze(1)
+
+
 def norm_share_fraction(norms: torch.Tensor, share: float) -> float:
     """The smallest fraction ``n/N`` such that the ``n`` largest norms hold ``share`` of their sum.
 
