@@ -163,7 +163,7 @@ def _controller(start_s=None):
     ctl._stop_recording()
     if start_s is not None:  # as if an earlier calibration had put s there
         ctl._s = start_s
-        ctl._adaptive_state.remember(_synthetic_stats(0))
+        ctl._adaptive_state.remember(_synthetic_stats(0), step=0, window=8)
     return ctl
 
 
@@ -252,7 +252,8 @@ def test_the_first_training_step_calibrates_with_an_exact_backward():
     model = TinyTransformer(depth=3)
     reference = TinyTransformer(depth=3)
     reference.load_state_dict(model.state_dict())
-    ctl = vcas.attach(model, vcas.VCASConfig(controller="adaptive", update_every=20, seed=0))
+    ctl = vcas.attach(model, vcas.VCASConfig(controller="adaptive", update_every=20, seed=0,
+                                             min_weight_numel=0, gather_below=1.0))
     inputs, labels = token_batch(n=16, seed=0)
     F.cross_entropy(model(inputs), labels).backward()
     F.cross_entropy(reference(inputs), labels).backward()
@@ -333,3 +334,20 @@ def test_gradient_accumulation_records_every_micro_batch_of_the_calibration_step
     assert all(len(records) == 2 for records in stats.layers)
     assert stats.samples == 16 and len(stats.block_norms()) == 2
     assert ctl.maybe_calibrate() and ctl.stats()["updates"] == 1
+
+
+def test_the_pool_forgets_calibrations_older_than_the_window_and_beyond_the_memory():
+    memory = adaptive.AdaptiveState()
+    stats = [_synthetic_stats(seed) for seed in range(3)]
+    memory.remember(stats[0], step=1, window=100)
+    memory.remember(stats[1], step=60, window=100)
+    assert memory.steps == [1, 60]
+    memory.remember(stats[2], step=130, window=100)  # step 1 is 129 steps old: forgotten
+    assert memory.steps == [60, 130] and memory.history == stats[1:]
+    assert [w for w, _ in memory.pool(0.5)] == [0.5, 1.0]
+    for step in range(131, 131 + 2 * adaptive.MEMORY):
+        memory.remember(stats[0], step=step, window=10_000)
+    assert len(memory.history) == len(memory.steps) == adaptive.MEMORY
+    restored = adaptive.AdaptiveState()
+    restored.load_state_dict(memory.state_dict())
+    assert restored.steps == memory.steps

@@ -83,8 +83,9 @@ def _train(controller: str, rank: int) -> dict:
 
     torch.manual_seed(0)
     ddp = DistributedDataParallel(TinyTransformer(vocab=48, dim=32, depth=3))
+    # A tiny model: every linear weight-sampled, kept rows always gathered (the defaults skip both).
     ctl = vcas.attach(ddp, vcas.VCASConfig(update_every=2, controller=controller, seed=0,
-                                           tau_act=0.2, tau_w=0.2))
+                                           tau_act=0.2, tau_w=0.2, min_weight_numel=0, gather_below=1.0))
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=3e-3)
     loss_fn = lambda batch: F.cross_entropy(ddp(batch[0]), batch[1])  # noqa: E731 - through DDP
     train_gen = torch.Generator().manual_seed(100 + rank)

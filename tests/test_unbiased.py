@@ -51,12 +51,31 @@ def _cnn_case():
 
 
 @pytest.mark.parametrize("case", [_transformer_case, _cnn_case], ids=["transformer", "cnn-batchnorm"])
-@pytest.mark.parametrize("act, weight", [(0.5, 0.5), (0.25, 1.0), (1.0, 0.3)])
+# act 0.9 is above the default gather_below: dense products with the dropped samples' zero rows.
+@pytest.mark.parametrize("act, weight", [(0.5, 0.5), (0.25, 1.0), (1.0, 0.3), (0.9, 0.5)])
 def test_sampled_gradient_is_unbiased(case, act, weight):
     stats = _check(*case(), act=act, weight=weight)
     assert stats["deterministic_mismatches"] == 0, stats
     assert stats["mean_energy"] < 2.0, stats
     assert stats["max_abs_z"] < 4.5, stats
+
+
+def test_dense_and_gathered_products_give_the_same_gradient():
+    """gather_below only chooses how the zero rows are skipped: same draws, same gradient.
+    (With weight sampling the draws differ in number; the unbiasedness test covers that.)"""
+    model, loss_of = _transformer_case()
+    grads, flops = [], []
+    for gather_below in (0.0, 1.0):
+        torch.manual_seed(0)
+        copy_ = copy.deepcopy(model)
+        ctl = vcas.attach(copy_, vcas.VCASConfig(seed=0, gather_below=gather_below, recompute_below=0.0))
+        ctl.set_ratios(act=0.5, weight=1.0)
+        loss_of(copy_).backward()
+        grads.append([p.grad for p in copy_.parameters()])
+        flops.append(ctl.flops.train.backward_done)
+    for dense, gathered in zip(*grads):
+        torch.testing.assert_close(dense, gathered)
+    assert flops[1] < flops[0]  # only gathering skips the zero rows' products
 
 
 def test_negative_control_a_biased_sampler_is_caught(monkeypatch):

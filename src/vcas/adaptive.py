@@ -37,8 +37,11 @@ from .calibration import Measurement
 from .ops.records import SampleRecord
 from .sampling import SortedScores, capped_proportional_probs, share_schedule
 
-# Calibrations pooled by the decision rule (older ones have decayed away anyway).
+# Calibrations pooled by the decision rule (older ones have decayed away anyway) ...
 MEMORY = 16
+# ... and only those of the last WINDOW x update_every steps: early in training the gradients
+# (and V_sgd) are much larger, and a calibration from then would dominate the pooled sums.
+WINDOW = 8
 # Monte Carlo draws of the samplers above a nested one (the top sampler is exact).
 SIMULATION_DRAWS = 64
 
@@ -259,13 +262,17 @@ class AdaptiveState:
     """What the adaptive controller carries between calibrations (checkpointed)."""
 
     history: list[CalibrationStats] = dataclasses.field(default_factory=list)  # newest last
+    steps: list[int] = dataclasses.field(default_factory=list)  # the training step of each
     step: float = 0.1  # current trust region for moves of s
     direction: int = 0  # sign of the last move of s
     interval: int = 0
     next_step: int = 1
 
-    def remember(self, stats: CalibrationStats) -> None:
-        self.history = (self.history + [stats])[-MEMORY:]
+    def remember(self, stats: CalibrationStats, step: int, window: int) -> None:
+        """Add a calibration; forget all but the last MEMORY ones within ``window`` steps."""
+        recent = [i for i, seen in enumerate(self.steps) if step - seen <= window][-(MEMORY - 1):]
+        self.history = [self.history[i] for i in recent] + [stats]
+        self.steps = [self.steps[i] for i in recent] + [step]
 
     def pool(self, decay: float) -> list[tuple[float, CalibrationStats]]:
         """The remembered calibrations with weights ``decay ** age`` (newest: 1)."""
@@ -289,10 +296,13 @@ class AdaptiveState:
         self.next_step = step + self.interval
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [stats.state_dict() for stats in self.history], "step": self.step,
+        return {"history": [stats.state_dict() for stats in self.history], "steps": list(self.steps),
+                "step": self.step,
                 "direction": self.direction, "interval": self.interval, "next_step": self.next_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [CalibrationStats.from_state_dict(s) for s in state["history"]]
+        # Checkpoints from before the window: their calibrations count as recent.
+        self.steps = [int(s) for s in state.get("steps", [state["next_step"]] * len(self.history))]
         self.step, self.direction = float(state["step"]), int(state["direction"])
         self.interval, self.next_step = int(state["interval"]), int(state["next_step"])

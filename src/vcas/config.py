@@ -40,6 +40,16 @@ class VCASConfig:
             in the backward, re-runs its element-wise ops on the kept samples only and
             backpropagates through that compact graph (:mod:`vcas.ops.compact`; 0 turns this
             off). The default 0.5 is where it beat the full-size backward in ``vcas bench``.
+        gather_below: below block samplers that keep more than this fraction of the batch,
+            linear backwards run their dense products (the dropped samples' zero rows add
+            nothing) instead of gathering the kept rows first: gathering and scattering cost
+            more than the skipped products save when few rows are dropped. 1 always gathers;
+            0 never does. (Convolutions always gather: their products per row are large.)
+        min_weight_numel: the controllers sample the weight gradient of a linear layer only if
+            its weight has at least this many entries; smaller layers keep nu = 1. On small
+            layers the row scores, the keep-probability solve and the gathers cost more than
+            the skipped products save (measured on CPU: 128 x 128 and 128 x 256 layers ran
+            slower at every nu, 384 x 384 ones faster). ``set_ratios`` is not limited by it.
     """
 
     tau_act: float = 0.025
@@ -56,6 +66,8 @@ class VCASConfig:
     smoothing: float = 0.8
     min_weight_ratio: float = 0.05
     recompute_below: float = 0.5
+    gather_below: float = 0.75
+    min_weight_numel: int = 65536
 
     def __post_init__(self) -> None:
         _check(self.tau_act > 0, "tau_act", self.tau_act, "> 0")
@@ -75,6 +87,8 @@ class VCASConfig:
                    self.min_update_every, "at most update_every")
         _check(0 <= self.smoothing < 1, "smoothing", self.smoothing, "in [0, 1)")
         _check(0 <= self.recompute_below <= 1, "recompute_below", self.recompute_below, "in [0, 1]")
+        _check(0 <= self.gather_below <= 1, "gather_below", self.gather_below, "in [0, 1]")
+        _check_int(self.min_weight_numel, "min_weight_numel", 0)
         _check(0 < self.min_weight_ratio <= 1, "min_weight_ratio", self.min_weight_ratio, "in (0, 1]")
 
     @property

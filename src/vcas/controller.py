@@ -56,6 +56,7 @@ class Controller:
         self._seed = seed
         self._state = SamplingState(len(block_list), len(linears), seed, rank=_rank())
         self._state.recompute_below = self.config.recompute_below
+        self._state.gather_below = self.config.gather_below
         self._installation = Installation(model, plan, self._state,
                                           check_batch_first=check_batch_first)
         self.block_names = [name for name, _ in block_list]
@@ -278,9 +279,9 @@ class Controller:
             decay = self.config.ratio_ema
             self._state.act_ratios = [decay * old + (1 - decay) * new
                                       for old, new in zip(self._state.act_ratios, schedule)]
-            self._state.weight_ratios = next_weight_ratios(
+            self._state.weight_ratios = self._only_large(next_weight_ratios(
                 self._state.weight_ratios, measurement.var_weight_layers,
-                self._linear_sgd_variances(measurement), self.config)
+                self._linear_sgd_variances(measurement), self.config))
             self._updates += 1
         self.history.append({"step": self._steps, **self._ratio_stats(), **self._variance_stats()})
 
@@ -296,7 +297,7 @@ class Controller:
             logger.warning("vcas: %s", self._last_skip_reason)
             memory.schedule_next(self._steps, False, config.shortest_interval, config.update_every)
             return
-        memory.remember(stats)
+        memory.remember(stats, self._steps, adaptive.WINDOW * config.update_every)
         pool = memory.pool(config.smoothing)
         pooled_sgd = adaptive.pooled_sgd_variances(pool)
         above = [sampler.above for sampler in self._installation.block_samplers]
@@ -307,13 +308,19 @@ class Controller:
         by_param = {id(p): v for p, v in zip(self._params, pooled_sgd)}
         budgets = [config.tau_w * by_param.get(id(site.module.weight), 0.0)
                    for site in self._installation.linear_sites]
-        self._state.weight_ratios = adaptive.solve_weight_ratios(pool, budgets, config.min_weight_ratio)
+        self._state.weight_ratios = self._only_large(
+            adaptive.solve_weight_ratios(pool, budgets, config.min_weight_ratio))
         nu_moves = [abs(a - b) for a, b in zip(self._state.weight_ratios, previous_nu)]
         stable = abs(target - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves))
         memory.schedule_next(self._steps, stable, config.shortest_interval, config.update_every)
         self._last = adaptive.summary(stats, above, self._state.act_ratios, self._state.weight_ratios)
         self._updates += 1
         self.history.append({"step": self._steps, **self._ratio_stats(), **self._variance_stats()})
+
+    def _only_large(self, ratios: list[float]) -> list[float]:
+        """nu = 1 for the linears smaller than ``config.min_weight_numel`` (SampleW cannot pay there)."""
+        return [ratio if site.module.weight.numel() >= self.config.min_weight_numel else 1.0
+                for ratio, site in zip(ratios, self._installation.linear_sites)]
 
     def _linear_sgd_variances(self, measurement: calibration.Measurement) -> list[float]:
         """V_sgd of each sampled linear (0 for a frozen one, whose weight is not measured)."""
