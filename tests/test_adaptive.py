@@ -351,3 +351,10 @@ def test_the_pool_forgets_calibrations_older_than_the_window_and_beyond_the_memo
     restored = adaptive.AdaptiveState()
     restored.load_state_dict(memory.state_dict())
     assert restored.steps == memory.steps
+
+
+def test_pooled_act_variance_equals_the_weighted_sum_of_the_per_layer_predictions():
+    pool = [(0.8 ** age, _synthetic_stats(seed, noise=1.0)) for age, seed in enumerate(range(3))]
+    for ratios in ([0.3] * BLOCKS, [0.2, 0.5, 0.7, 0.9][:BLOCKS], [0.5] * (BLOCKS - 1) + [1.0]):
+        per_layer = sum(w * sum(adaptive.act_variances(stats, ABOVE, ratios)) for w, stats in pool)
+        assert adaptive.pooled_act_variance(pool, ABOVE, ratios) == pytest.approx(per_layer, rel=1e-12)

@@ -40,6 +40,21 @@ def test_budget_above_positive_count_keeps_all_positive():
     assert capped_proportional_probs(torch.zeros(4), 2.0).tolist() == [0.0] * 4
 
 
+@pytest.mark.parametrize("ratio", [0.01, 0.1, 0.3, 0.5, 0.8])
+def test_water_filling_and_sorting_give_the_same_probabilities(ratio):
+    """On the CPU, low budgets are solved without sorting; both ways must agree."""
+    from vcas.sampling import _sorted_solution
+    g = torch.Generator().manual_seed(3)
+    for scores in (torch.rand(500, generator=g), torch.rand(500, generator=g) ** 8,
+                   torch.exp(3 * torch.randn(500, generator=g)), torch.rand(3, 200, generator=g)):
+        scores[..., ::7] = 0.0
+        rows = scores.reshape(-1, scores.shape[-1])
+        budget = ratio * scores.shape[-1]
+        expected = _sorted_solution(rows, budget).reshape(scores.shape)
+        torch.testing.assert_close(capped_proportional_probs(scores, budget), expected,
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_sorted_scores_variance_equals_solving_and_summing():
     g = torch.Generator().manual_seed(2)
     rows = [torch.rand(n, generator=g, dtype=torch.float64) ** 4 for n in (40, 300, 1)]

@@ -80,6 +80,21 @@ class CalibrationStats:
             variances.append(scale * max(0.0, n * squares - total) / (n - 1))
         return variances
 
+    def excess_weights(self) -> list[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
+        """Per pass, its sampler norms and, per block, ``sum_l scale_l ||c_il||^2`` over the
+        layers below that block's sampler: the total predicted V_act is then one dot product
+        per pass and block, ``sum_i (E[w_i^2] - 1) * excess_i`` (what the bisection evaluates)."""
+        passes: dict[int, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
+        for records, scale in zip(self.layers, self.scales):
+            for record in records:
+                if record.block is None:
+                    continue
+                norms, sums = passes.setdefault(id(record.pass_norms), (record.pass_norms, {}))
+                weighted = scale * record.squared_norms
+                previous = sums.get(record.block)
+                sums[record.block] = weighted if previous is None else previous + weighted
+        return list(passes.values())
+
     def block_norms(self) -> list[list[torch.Tensor | None]]:
         """Per backward pass, per block: the per-sample gradient norms the samplers recorded."""
         return [[norms.get(block) for block in range(self.n_blocks)] for norms in self._passes()]
@@ -147,9 +162,8 @@ def second_moments(norms: dict[int, torch.Tensor], above: Sequence[int | None],
 def act_variances(stats: CalibrationStats, above: Sequence[int | None],
                   ratios: Sequence[float]) -> list[float]:
     """Per measured weight, the variance activation sampling at ``ratios`` adds to its gradient
-    on this calibration's samples: ``sum_i (E[w_i^2] - 1) ||c_i||^2`` (deterministic: the
-    simulation uses a fixed seed, so bisection sees a fixed function)."""
-    generator = torch.Generator().manual_seed(0)
+    on this calibration's samples: ``sum_i (E[w_i^2] - 1) ||c_i||^2`` (deterministic: each
+    pass's simulation uses the same fixed seed, so bisection sees a fixed function)."""
     moments: dict[int, dict[int, torch.Tensor]] = {}
     variances = []
     for records, scale in zip(stats.layers, stats.scales):
@@ -159,13 +173,18 @@ def act_variances(stats: CalibrationStats, above: Sequence[int | None],
                 continue  # above every sampler: never sampled
             key = id(record.pass_norms)
             if key not in moments:
-                moments[key] = second_moments(record.pass_norms, above, ratios, generator)
+                moments[key] = second_moments(record.pass_norms, above, ratios, _fixed_generator())
             moment = moments[key].get(record.block)
             if moment is not None and moment.numel() == record.squared_norms.numel():
                 excess = (moment - 1.0).clamp(min=0.0) * (moment > 0)
                 total += float((excess * record.squared_norms).sum())
         variances.append(scale * total)
     return variances
+
+
+def _fixed_generator() -> torch.Generator:
+    """The simulation's draws: the same for every pass and every evaluation (common random numbers)."""
+    return torch.Generator().manual_seed(0)
 
 
 Pool = Sequence[tuple[float, CalibrationStats]]
@@ -183,7 +202,27 @@ def pooled_block_norms(pool: Pool) -> list[list[torch.Tensor | None]]:
 
 
 def pooled_act_variance(pool: Pool, above: Sequence[int | None], ratios: Sequence[float]) -> float:
-    return sum(weight * sum(act_variances(stats, above, ratios)) for weight, stats in pool)
+    """The weighted sum over calibrations of the total predicted V_act at ``ratios``
+    (the sum over layers of :func:`act_variances`, computed per pass and block)."""
+    return _PooledExcess(pool).variance(above, ratios)
+
+
+class _PooledExcess:
+    """The pool's per-pass, per-block aggregated contributions, gathered once per solve."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.passes = [(weight, norms, sums) for weight, stats in pool
+                       for norms, sums in stats.excess_weights()]
+
+    def variance(self, above: Sequence[int | None], ratios: Sequence[float]) -> float:
+        total = 0.0
+        for weight, norms, sums in self.passes:
+            moments = second_moments(norms, above, ratios, _fixed_generator())
+            for block, excess in sums.items():
+                moment = moments.get(block)
+                if moment is not None and moment.numel() == excess.numel():
+                    total += weight * float(((moment - 1.0).clamp(min=0.0) * (moment > 0) * excess).sum())
+        return total
 
 
 def solve_share(pool: Pool, above: Sequence[int | None], budget: float,
@@ -192,9 +231,10 @@ def solve_share(pool: Pool, above: Sequence[int | None], budget: float,
     norms = pooled_block_norms(pool)
     if not norms:
         return 1.0
+    pooled = _PooledExcess(pool)
 
     def within(share: float) -> bool:
-        return pooled_act_variance(pool, above, share_schedule(norms, share)) <= budget
+        return pooled.variance(above, share_schedule(norms, share)) <= budget
 
     if within(0.0):
         return 0.0
@@ -240,9 +280,11 @@ def solve_weight_ratio(scores: Sequence[tuple[float, torch.Tensor]], budget: flo
     return high
 
 
-def solve_weight_ratios(pool: Pool, budgets: Sequence[float], floor: float) -> list[float]:
-    """Each sampled linear's nu against its budget, on the pooled row scores."""
-    return [solve_weight_ratio([(w, sc) for w, stats in pool for sc in stats.row_scores[site]],
+def solve_weight_ratios(pool: Pool, budgets: Sequence[float | None], floor: float) -> list[float]:
+    """Each sampled linear's nu against its budget, on the pooled row scores (1 where the
+    budget is ``None``: a layer whose weight gradient is not sampled)."""
+    return [1.0 if budget is None else
+            solve_weight_ratio([(w, sc) for w, stats in pool for sc in stats.row_scores[site]],
                                budget, floor)
             for site, budget in enumerate(budgets)]
 

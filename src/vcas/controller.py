@@ -307,9 +307,8 @@ class Controller:
         self._state.act_ratios = candidate_schedule(adaptive.pooled_block_norms(pool), self._s)
         by_param = {id(p): v for p, v in zip(self._params, pooled_sgd)}
         budgets = [config.tau_w * by_param.get(id(site.module.weight), 0.0)
-                   for site in self._installation.linear_sites]
-        self._state.weight_ratios = self._only_large(
-            adaptive.solve_weight_ratios(pool, budgets, config.min_weight_ratio))
+                   if self._weight_sampled(site) else None for site in self._installation.linear_sites]
+        self._state.weight_ratios = adaptive.solve_weight_ratios(pool, budgets, config.min_weight_ratio)
         nu_moves = [abs(a - b) for a, b in zip(self._state.weight_ratios, previous_nu)]
         stable = abs(target - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves))
         memory.schedule_next(self._steps, stable, config.shortest_interval, config.update_every)
@@ -317,9 +316,14 @@ class Controller:
         self._updates += 1
         self.history.append({"step": self._steps, **self._ratio_stats(), **self._variance_stats()})
 
+    def _weight_sampled(self, site: Any) -> bool:
+        """Whether the controllers sample this linear's weight gradient: not below
+        ``config.min_weight_numel`` entries, where SampleW costs more time than it saves."""
+        return site.module.weight.numel() >= self.config.min_weight_numel
+
     def _only_large(self, ratios: list[float]) -> list[float]:
-        """nu = 1 for the linears smaller than ``config.min_weight_numel`` (SampleW cannot pay there)."""
-        return [ratio if site.module.weight.numel() >= self.config.min_weight_numel else 1.0
+        """nu = 1 for the linears whose weight gradient is not sampled."""
+        return [ratio if self._weight_sampled(site) else 1.0
                 for ratio, site in zip(ratios, self._installation.linear_sites)]
 
     def _linear_sgd_variances(self, measurement: calibration.Measurement) -> list[float]:
