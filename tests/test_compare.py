@@ -54,6 +54,22 @@ def test_unknown_task_and_method_are_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_min_weight_numel_reaches_the_config_and_bad_values_are_refused(tmp_path, capsys):
+    import argparse
+
+    from vcas.experiments import compare, tasks
+    parser = argparse.ArgumentParser()
+    compare.add_arguments(parser)
+    task = tasks.Task("t", {"labels": [0] * 8}, {"labels": [0] * 8}, 2, None, None, lr=1e-3,
+                      batch_size=4, epochs=1, description="")
+    given = compare.settings_for(task, parser.parse_args(["--min-weight-numel", "0"]), seed=0)
+    default = compare.settings_for(task, parser.parse_args([]), seed=0)
+    assert given.vcas.min_weight_numel == 0 and default.vcas.min_weight_numel == 65536
+    assert _compare(tmp_path, "--min-weight-numel", "-1") == 2
+    assert "min_weight_numel" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
 def _write(path: Path, rows, kind="jsonl"):
     if kind == "jsonl":
         path.write_text("\n".join(json.dumps(r) for r in rows))

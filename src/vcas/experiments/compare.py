@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import VCASConfig
+from ..errors import ConfigError
 from . import report, tasks
 from .train import METHODS, RunSettings, run_method
 
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest calibration interval of vcas-adaptive (default 100)")
     parser.add_argument("--variance-checks", type=int, default=0,
                         help="independent large-sample checks of V/V_sgd during each VCAS run")
+    parser.add_argument("--min-weight-numel", type=int,
+                        help="VCASConfig.min_weight_numel: the smallest linear weight (entries) whose "
+                             "gradient the controllers sample (default 65536; 0 samples every one)")
     parser.add_argument("--baseline-keep", type=float, default=1 / 3, help="SB / UB keep ratio")
     parser.add_argument("--train-limit", type=int, help="use only the first N training items")
     parser.add_argument("--eval-limit", type=int, help="evaluate on the first N items only")
@@ -70,7 +74,8 @@ def validate(args: argparse.Namespace) -> CompareOptions:
         seeds = [int(s) for s in str(args.seeds).split(",")]
     except ValueError:
         raise tasks.TaskError(f"--seeds {args.seeds!r}: give integers such as 0,1,2") from None
-    VCASConfig(tau_act=args.tau, tau_w=args.tau, update_every=args.update_every)  # validates
+    VCASConfig(tau_act=args.tau, tau_w=args.tau, update_every=args.update_every,
+               **_config_options(args))  # validates
     return CompareOptions(methods, out, seeds)
 
 
@@ -95,7 +100,13 @@ def settings_for(task: tasks.Task, args: argparse.Namespace, seed: int) -> RunSe
                        variance_checks=args.variance_checks,
                        vcas=VCASConfig(tau_act=args.tau, tau_w=args.tau,
                                        update_every=args.update_every, seed=seed,
-                                       controller=args.controller))
+                                       controller=args.controller, **_config_options(args)))
+
+
+def _config_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The VCASConfig settings given on the command line beyond tau, F and the controller."""
+    numel = getattr(args, "min_weight_numel", None)
+    return {} if numel is None else {"min_weight_numel": numel}
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,7 +131,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     try:
         compare(args)
-    except tasks.TaskError as error:
+    except (tasks.TaskError, ConfigError) as error:
         print(f"vcas compare: error: {error}")
         return 2
     return 0
