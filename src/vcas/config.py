@@ -40,11 +40,11 @@ class VCASConfig:
             in the backward, re-runs its element-wise ops on the kept samples only and
             backpropagates through that compact graph (:mod:`vcas.ops.compact`; 0 turns this
             off). The default 0.5 is where it beat the full-size backward in ``vcas bench``.
-        gather_below: below block samplers that keep more than this fraction of the batch,
-            linear backwards run their dense products (the dropped samples' zero rows add
-            nothing) instead of gathering the kept rows first: gathering and scattering cost
-            more than the skipped products save when few rows are dropped. 1 always gathers;
-            0 never does. (Convolutions always gather: their products per row are large.)
+        gather_below: a linear backward whose incoming gradient has more than this fraction of
+            non-zero rows runs its dense products (the zero rows add nothing) instead of
+            gathering the non-zero rows first: gathering and scattering cost more than the
+            skipped products save when few rows are zero. 1 always gathers; 0 never does.
+            (Convolutions always gather their non-zero samples: their products per row are large.)
         min_weight_numel: the controllers sample the weight gradient of a linear layer only if
             its weight has at least this many entries; smaller layers keep nu = 1. On small
             layers the row scores, the keep-probability solve and the gathers cost more than

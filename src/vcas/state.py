@@ -29,9 +29,7 @@ class SamplingState:
         recompute_below: blocks whose keep ratio is at most this recompute compactly
             (:mod:`vcas.ops.compact`); 0 = never.
         gather_below: sampled linears gather the non-zero rows of their incoming gradient (and
-            skip the zero rows' products) only when ``kept_fraction`` is at most this.
-        kept_fraction: the expected fraction of the batch the block samplers have kept so far
-            in the current backward (1 = nothing dropped; reset by every block forward).
+            skip the zero rows' products) only when at most this fraction of the rows is non-zero.
         replay: while a compact block runs its forward without a graph (``replay.recording``)
             or re-runs it in the backward, its :class:`~vcas.ops.compact.ForwardReplay`.
         recompute_scale: while a compact block re-runs its forward in the backward, the batch
@@ -53,7 +51,6 @@ class SamplingState:
         self.weight_ratios = [1.0] * n_linears
         self.recompute_below = 0.0
         self.gather_below = 1.0
-        self.kept_fraction = 1.0
         self.replay: Any = None
         self.recompute_scale: float | None = None
         self.tally = FlopTally()

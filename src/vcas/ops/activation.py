@@ -47,9 +47,8 @@ class BlockSampler:
     def forward_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not (self.state.enabled and torch.is_grad_enabled()):
             return
-        # The backward that follows starts above every block, where nothing has been dropped.
-        self.state.kept_fraction = 1.0
         if self.state.record_samples:
+            # The backward that follows starts above every block, with a fresh set of norms.
             self.state.last_block, self.state.pass_norms = None, {}
         hidden = find_hidden_state(output)
         if hidden is None or not hidden.requires_grad:
@@ -74,14 +73,10 @@ class BlockSampler:
         if state.record_samples:
             state.last_block = self.index
             state.pass_norms[self.index] = norms.detach().cpu()
-        if not state.sample_acts:
-            state.kept_fraction = 1.0
-            return None
         ratio = state.act_ratios[self.index]
         above = 1.0 if self.above is None else state.act_ratios[self.above]
-        if ratio >= above:
+        if not state.sample_acts or ratio >= above:
             return None
-        state.kept_fraction = ratio
         probs = capped_proportional_probs(norms, ratio * grad.shape[0])
         weights = bernoulli_weights(probs, state.generator(grad.device))
         return grad * weights.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))

@@ -109,12 +109,11 @@ class _SampledLinearFunction(torch.autograd.Function):
         per_row = 2.0 * weight.numel()
         flops.backward_exact = per_row * gy.shape[0] * (int(need_x) + int(need_w))
 
-        state = site.state
-        gather = state.kept_fraction <= state.gather_below
-        row_norms = rows = None
-        if gather or (need_w and _scores_rows(site)):
-            row_norms = torch.linalg.vector_norm(gy, dim=1, dtype=torch.float32)
-            rows = nonzero_indices(row_norms, state) if gather else None
+        row_norms = torch.linalg.vector_norm(gy, dim=1, dtype=torch.float32)
+        rows = nonzero_indices(row_norms, site.state)
+        n_nonzero = gy.shape[0] if rows is None else rows.numel()
+        if n_nonzero > site.state.gather_below * gy.shape[0]:
+            rows = None  # nearly every row is non-zero: the dense products cost less than gathering
         # The non-zero rows, gathered once for both products.
         g_rows = gy if rows is None else gy.index_select(0, rows)
 
@@ -124,7 +123,7 @@ class _SampledLinearFunction(torch.autograd.Function):
             flops.backward_done += per_row * g_rows.shape[0]
         grad_w = None
         if need_w:
-            grad_w, n_kept = _weight_grad(g_rows, xs, row_norms, rows, site)
+            grad_w, n_kept = _weight_grad(g_rows, xs, row_norms, rows, n_nonzero, site)
             flops.backward_done += per_row * n_kept
         grad_b = g_rows.sum(0) if (need_b and ctx.has_bias) else None
         site.state.count_backward(flops)
@@ -147,23 +146,22 @@ def _scores_rows(site: LinearSite) -> bool:
     return state.record_weight_variance or (state.sample_weights and state.weight_ratios[site.index] < 1.0)
 
 
-def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor | None,
-                 rows: torch.Tensor | None, site: LinearSite) -> tuple[torch.Tensor, int]:
+def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor,
+                 rows: torch.Tensor | None, n_nonzero: int, site: LinearSite) -> tuple[torch.Tensor, int]:
     """dW from the non-zero rows, leverage-score sampled when the layer's ratio is below 1.
 
     Inputs are gathered once, for the rows finally used. Non-finite gradients are not sampled."""
     state = site.state
     n = g_rows.shape[0]
     ratio = state.weight_ratios[site.index]
-    if row_norms is None or n == 0 or not _scores_rows(site) or not bool(torch.isfinite(row_norms).all()):
+    if n == 0 or not _scores_rows(site) or not bool(torch.isfinite(row_norms).all()):
         return g_rows.t() @ _gather(xs, rows), n
     sample = state.sample_weights and ratio < 1.0
     x_norms = torch.linalg.vector_norm(xs, dim=1, dtype=torch.float32)
     if rows is not None:
         x_norms, row_norms = x_norms.index_select(0, rows), row_norms.index_select(0, rows)
     scores = row_norms * x_norms
-    # nu is a fraction of the non-zero rows (without gathering, dropped samples' rows are here).
-    n_nonzero = n if rows is not None else int(torch.count_nonzero(row_norms))
+    # nu is a fraction of the non-zero rows (without gathering, the zero rows are here too).
     probs = capped_proportional_probs(scores, ratio * n_nonzero)
     if state.record_weight_variance:
         site.recorded_variance.append(float(sampling_variance(probs, scores)))
