@@ -6,6 +6,12 @@ import math
 
 import torch
 
+# Under unbiasedness one parameter's energy (below) is a weighted mean of chi-square(1)
+# variables with mean 1, and all parameters share the same draws: in the worst case (one
+# dominant direction, fully correlated) the mean energy is distributed as one chi-square(1),
+# whose 1 % point is 6.63. A bias makes the energy grow with the number of draws.
+ENERGY_BOUND = 7.0
+
 
 def sampled_gradients(model, loss, draws: int) -> list[torch.Tensor]:
     """``draws`` sampled gradients of ``loss`` (one forward, a backward per draw), flattened per

@@ -66,3 +66,19 @@ def test_whole_training_reduction_counts_calibration_and_the_rest_of_the_model()
         tally.train.forward + tally.train.backward_exact)
     expected = 1 - tally.spent_flops() / tally.exact_training_flops()
     assert stats["train_flops_reduction"] == pytest.approx(expected)
+
+
+def test_rows_with_a_zero_gradient_are_skipped_even_at_ratio_one():
+    """A loss on the first token only (like a [CLS] classifier) leaves the other rows of the top
+    block's gradient exactly zero: they are gathered out and not counted as done."""
+    model = _linear_only_model()
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0))
+    x = torch.randn(6, 5, 8, requires_grad=True)
+    model(x)[:, 0].pow(2).sum().backward()
+    train = ctl.flops.train
+    assert train.backward_done < train.backward_exact
+    reference = x.grad.clone()
+    x.grad = None
+    with ctl.paused():
+        model(x)[:, 0].pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, reference)

@@ -11,7 +11,7 @@ from torch import nn
 
 import vcas
 from models import TinyCNN, TinyTransformer, image_batch, token_batch
-from stats import bias_statistics, sampled_gradients
+from stats import ENERGY_BOUND, bias_statistics, sampled_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,7 +86,7 @@ def test_compact_recompute_is_unbiased():
     samples = sampled_gradients(model, F.cross_entropy(model(tokens), labels), 300)
     stats = bias_statistics(samples, exact)
     assert stats["deterministic_mismatches"] == 0, stats
-    assert stats["mean_energy"] < 2.0, stats
+    assert stats["mean_energy"] < ENERGY_BOUND, stats
     assert stats["max_abs_z"] < 4.5, stats
 
 
