@@ -176,10 +176,14 @@ def act_variances(stats: CalibrationStats, above: Sequence[int | None],
                 moments[key] = second_moments(record.pass_norms, above, ratios, _fixed_generator())
             moment = moments[key].get(record.block)
             if moment is not None and moment.numel() == record.squared_norms.numel():
-                excess = (moment - 1.0).clamp(min=0.0) * (moment > 0)
-                total += float((excess * record.squared_norms).sum())
+                total += float((_added_variance_factor(moment) * record.squared_norms).sum())
         variances.append(scale * total)
     return variances
+
+
+def _added_variance_factor(moment: torch.Tensor) -> torch.Tensor:
+    """``E[w_i^2] - 1`` per sample: how much of ``||c_i||^2`` sampling adds (0 where never kept)."""
+    return (moment - 1.0).clamp(min=0.0) * (moment > 0)
 
 
 def _fixed_generator() -> torch.Generator:
@@ -221,7 +225,7 @@ class _PooledExcess:
             for block, excess in sums.items():
                 moment = moments.get(block)
                 if moment is not None and moment.numel() == excess.numel():
-                    total += weight * float(((moment - 1.0).clamp(min=0.0) * (moment > 0) * excess).sum())
+                    total += weight * float((_added_variance_factor(moment) * excess).sum())
         return total
 
 
