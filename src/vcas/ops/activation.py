@@ -20,15 +20,25 @@ def per_sample_norms(grad: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1, dtype=torch.float32)
 
 
-def nonzero_indices(norms: torch.Tensor, state: SamplingState) -> torch.Tensor | None:
-    """Indices of the rows (or samples) whose gradient norm is non-zero, the work a sampled op
-    must do. ``None`` stands for all of them, and for a non-finite gradient (counted in
-    ``state.nonfinite_gradients``), which the caller then passes through exactly."""
-    if not bool(torch.isfinite(norms).all()):
-        state.nonfinite_gradients += 1
-        return None
+def finite_norms(norms: torch.Tensor, state: SamplingState) -> bool:
+    """Whether every norm is finite; a non-finite gradient is counted in
+    ``state.nonfinite_gradients`` and passes through exactly (sampling would only hide it)."""
+    if bool(torch.isfinite(norms).all()):
+        return True
+    state.nonfinite_gradients += 1
+    return False
+
+
+def nonzero_rows(norms: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows (or samples) whose finite gradient norm is non-zero, the work a
+    sampled op must do; ``None`` stands for all of them."""
     indices = torch.nonzero(norms).squeeze(1)
     return None if indices.numel() == norms.numel() else indices
+
+
+def nonzero_indices(norms: torch.Tensor, state: SamplingState) -> torch.Tensor | None:
+    """:func:`nonzero_rows`, and ``None`` (all rows, exactly) for a non-finite gradient."""
+    return nonzero_rows(norms) if finite_norms(norms, state) else None
 
 
 class BlockSampler:
@@ -64,9 +74,7 @@ class BlockSampler:
         if not state.enabled or grad is None:
             return None
         norms = per_sample_norms(grad)
-        if not bool(torch.isfinite(norms).all()):
-            # Non-finite gradients pass through exactly: sampling them would only hide the problem.
-            state.nonfinite_gradients += 1
+        if not finite_norms(norms, state):
             return None
         if state.record_norms:
             self.recorded_norms.append(norms.detach().cpu())

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..accounting import CALIBRATION, FlopBucket
 from ..sampling import bernoulli_weights, capped_proportional_probs, sampling_variance
 from ..state import SamplingState
-from .activation import nonzero_indices
+from .activation import finite_norms, nonzero_rows
 from .autocast import autocast_inputs
 from .records import SampleRecord, linear_contributions, summarize
 
@@ -110,7 +110,8 @@ class _SampledLinearFunction(torch.autograd.Function):
         flops.backward_exact = per_row * gy.shape[0] * (int(need_x) + int(need_w))
 
         row_norms = torch.linalg.vector_norm(gy, dim=1, dtype=torch.float32)
-        rows = nonzero_indices(row_norms, site.state)
+        finite = finite_norms(row_norms, site.state)  # a non-finite gradient passes exactly
+        rows = nonzero_rows(row_norms) if finite else None
         n_nonzero = gy.shape[0] if rows is None else rows.numel()
         if n_nonzero > site.state.gather_below * gy.shape[0]:
             rows = None  # nearly every row is non-zero: the dense products cost less than gathering
@@ -123,7 +124,7 @@ class _SampledLinearFunction(torch.autograd.Function):
             flops.backward_done += per_row * g_rows.shape[0]
         grad_w = None
         if need_w:
-            grad_w, n_kept = _weight_grad(g_rows, xs, row_norms, rows, n_nonzero, site)
+            grad_w, n_kept = _weight_grad(g_rows, xs, row_norms, rows, n_nonzero, finite, site)
             flops.backward_done += per_row * n_kept
         grad_b = g_rows.sum(0) if (need_b and ctx.has_bias) else None
         site.state.count_backward(flops)
@@ -147,14 +148,15 @@ def _scores_rows(site: LinearSite) -> bool:
 
 
 def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor,
-                 rows: torch.Tensor | None, n_nonzero: int, site: LinearSite) -> tuple[torch.Tensor, int]:
+                 rows: torch.Tensor | None, n_nonzero: int, finite: bool,
+                 site: LinearSite) -> tuple[torch.Tensor, int]:
     """dW from the non-zero rows, leverage-score sampled when the layer's ratio is below 1.
 
     Inputs are gathered once, for the rows finally used. Non-finite gradients are not sampled."""
     state = site.state
     n = g_rows.shape[0]
     ratio = state.weight_ratios[site.index]
-    if n == 0 or not _scores_rows(site) or not bool(torch.isfinite(row_norms).all()):
+    if n == 0 or not finite or not _scores_rows(site):
         return g_rows.t() @ _gather(xs, rows), n
     sample = state.sample_weights and ratio < 1.0
     x_norms = torch.linalg.vector_norm(xs, dim=1, dtype=torch.float32)
