@@ -2,6 +2,7 @@
 against real sampling draws, and its decision rule on synthetic variance sequences."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from vcas import adaptive
 from vcas.adaptive import CalibrationStats
 from vcas.ops.records import SampleRecord
 from vcas.sampling import share_schedule
-from models import TinyConv1dNet, TinyTransformer, token_batch
+from models import TinyCNN, TinyConv1dNet, TinyTransformer, token_batch
 
 TAU = 0.025
 
@@ -358,3 +359,46 @@ def test_pooled_act_variance_equals_the_weighted_sum_of_the_per_layer_prediction
     for ratios in ([0.3] * BLOCKS, [0.2, 0.5, 0.7, 0.9][:BLOCKS], [0.5] * (BLOCKS - 1) + [1.0]):
         per_layer = sum(w * sum(adaptive.act_variances(stats, ABOVE, ratios)) for w, stats in pool)
         assert adaptive.pooled_act_variance(pool, ABOVE, ratios) == pytest.approx(per_layer, rel=1e-12)
+
+
+def test_auto_picks_adaptive_where_its_assumptions_hold_and_paper_elsewhere():
+    ctl = vcas.attach(TinyTransformer(depth=2), vcas.VCASConfig(seed=0))
+    assert (ctl.config.controller, ctl.config.update_every) == ("adaptive", 20)
+    assert ctl.calibrating  # the first training step calibrates
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # BatchNorm in training mode: paper, without a warning
+        cnn = vcas.attach(TinyCNN(depth=2), vcas.VCASConfig(seed=0, update_every=7))
+    assert (cnn.config.controller, cnn.config.update_every) == ("paper", 7)
+    frozen = TinyCNN(depth=2).apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)
+    assert vcas.attach(frozen, vcas.VCASConfig(seed=0)).config.controller == "adaptive"
+
+
+def test_auto_picks_paper_for_a_model_without_sampled_layers():
+    class BlocksOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.LayerNorm(4) for _ in range(2)])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    ctl = vcas.attach(BlocksOnly(), blocks=["blocks.0", "blocks.1"])
+    assert (ctl.config.controller, ctl.config.update_every) == ("paper", 100)
+
+
+def test_explicit_adaptive_under_batchnorm_warns_and_names_the_alternatives():
+    with pytest.warns(UserWarning, match="BatchNorm in training mode.*controller='paper'"):
+        ctl = vcas.attach(TinyCNN(depth=2), vcas.VCASConfig(controller="adaptive", seed=0))
+    assert ctl.config.controller == "adaptive"
+
+
+def test_update_every_defaults_per_controller_and_validates():
+    config = vcas.VCASConfig()
+    assert (config.controller, config.update_every) == ("auto", None)
+    assert config.resolve("paper").update_every == 100
+    assert config.resolve("adaptive").update_every == 20
+    assert vcas.VCASConfig(update_every=5).resolve("adaptive").update_every == 5
+    with pytest.raises(vcas.ConfigError, match="min_update_every"):
+        vcas.VCASConfig(min_update_every=30).resolve("adaptive")

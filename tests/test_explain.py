@@ -143,6 +143,7 @@ def test_attach_logs_a_one_line_summary(caplog):
     (record,) = [r for r in caplog.records if r.name.startswith("vcas")]
     message = record.getMessage()
     assert "\n" not in message and "3 blocks (ConvBlock)" in message and "BatchNorm2d" in message
+    assert "controller 'paper' (auto: BatchNorm in training mode (blocks.0.bn))" in message
 
 
 def test_explain_docstring_example_runs():

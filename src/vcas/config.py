@@ -7,17 +7,22 @@ from typing import Any
 
 from .errors import ConfigError
 
-CONTROLLERS = ("paper", "adaptive")
+CONTROLLERS = ("auto", "adaptive", "paper")
+# update_every when it is None: the paper's F, and the adaptive controller's longest interval.
+DEFAULT_UPDATE_EVERY = {"paper": 100, "adaptive": 20}
 
 
 @dataclasses.dataclass(frozen=True)
 class VCASConfig:
-    """Settings of variance-controlled adaptive sampling (defaults are the paper's).
+    """Settings of variance-controlled adaptive sampling (tau, F, M, alpha and beta: the paper's).
 
     Args:
         tau_act: allowed activation-sampling variance as a fraction of the SGD variance.
         tau_w: allowed weight-sampling variance as a fraction of the SGD variance (per layer).
-        update_every: F, the number of optimizer steps between two controller updates.
+        update_every: F, the number of optimizer steps between two controller updates (for the
+            adaptive controller: the longest calibration interval). ``None``: the controller's
+            default, 100 for ``"paper"`` (the paper's F) and 20 for ``"adaptive"`` (measured on
+            the built-in tasks; README "Choosing a controller").
         mc_samples: M, the number of calibration batches (and of sampled draws per batch).
         s_step: alpha, the step by which the kept gradient-norm share ``s`` moves per update.
         nu_mult: beta, the factor applied to (or divided out of) each weight keep ratio per update.
@@ -26,9 +31,13 @@ class VCASConfig:
             (0 = apply the candidate schedule directly; the paper mentions 0.6 as an option).
         seed: seed of the controller's own sampling generator. ``None`` derives it from
             ``torch.initial_seed()`` so that the user's seed fixes it and no RNG draw is consumed.
-        controller: ``"paper"`` (the paper's rules, for reproducing it) or ``"adaptive"``
-            (calibrates on training steps whose backward runs exactly and records per-sample
-            statistics, then solves for the operating point; see :mod:`vcas.adaptive`).
+        controller: ``"adaptive"`` (calibrates on training steps whose backward runs exactly and
+            records per-sample statistics, then solves for the operating point; see
+            :mod:`vcas.adaptive`), ``"paper"`` (the paper's rules, for reproducing it), or
+            ``"auto"`` (the default): ``"adaptive"`` unless the model breaks its assumptions, that
+            is, it has no sampled linear or convolution with a trainable weight, or BatchNorm in
+            training mode mixes the samples of a batch; ``"paper"`` there. ``attach`` resolves
+            it, and ``Controller.config.controller`` says which one runs.
         min_update_every: adaptive only: the shortest calibration interval (default
             ``max(1, update_every // 10)``); the interval doubles up to ``update_every`` while the
             ratios are stable. The first training step is a calibration step.
@@ -54,14 +63,14 @@ class VCASConfig:
 
     tau_act: float = 0.025
     tau_w: float = 0.025
-    update_every: int = 100
+    update_every: int | None = None
     mc_samples: int = 2
     s_step: float = 0.01
     nu_mult: float = 0.95
     param_fraction: float = 0.01
     ratio_ema: float = 0.0
     seed: int | None = None
-    controller: str = "paper"
+    controller: str = "auto"
     min_update_every: int | None = None
     smoothing: float = 0.8
     min_weight_ratio: float = 0.05
@@ -72,7 +81,8 @@ class VCASConfig:
     def __post_init__(self) -> None:
         _check(self.tau_act > 0, "tau_act", self.tau_act, "> 0")
         _check(self.tau_w > 0, "tau_w", self.tau_w, "> 0")
-        _check_int(self.update_every, "update_every", 1)
+        if self.update_every is not None:
+            _check_int(self.update_every, "update_every", 1)
         _check_int(self.mc_samples, "mc_samples", 2)
         _check(0 < self.s_step < 1, "s_step", self.s_step, "in (0, 1)")
         _check(0 < self.nu_mult < 1, "nu_mult", self.nu_mult, "in (0, 1)")
@@ -83,16 +93,24 @@ class VCASConfig:
         _check(self.controller in CONTROLLERS, "controller", self.controller, f"one of {CONTROLLERS}")
         if self.min_update_every is not None:
             _check_int(self.min_update_every, "min_update_every", 1)
-            _check(self.min_update_every <= self.update_every, "min_update_every",
-                   self.min_update_every, "at most update_every")
+            _check(self.min_update_every <= (self.update_every or self.min_update_every),
+                   "min_update_every", self.min_update_every, "at most update_every")
         _check(0 <= self.smoothing < 1, "smoothing", self.smoothing, "in [0, 1)")
         _check(0 <= self.recompute_below <= 1, "recompute_below", self.recompute_below, "in [0, 1]")
         _check(0 <= self.gather_below <= 1, "gather_below", self.gather_below, "in [0, 1]")
         _check_int(self.min_weight_numel, "min_weight_numel", 0)
         _check(0 < self.min_weight_ratio <= 1, "min_weight_ratio", self.min_weight_ratio, "in (0, 1]")
 
+    def resolve(self, controller: str) -> "VCASConfig":
+        """This config for ``controller`` (``"paper"`` or ``"adaptive"``), with the controller's
+        default ``update_every`` filled in where it is ``None``."""
+        every = self.update_every if self.update_every is not None else DEFAULT_UPDATE_EVERY[controller]
+        return dataclasses.replace(self, controller=controller, update_every=every)
+
     @property
     def shortest_interval(self) -> int:
+        if self.update_every is None:
+            raise ConfigError("update_every is not resolved yet: use config.resolve(controller)")
         return self.min_update_every or max(1, self.update_every // 10)
 
     def to_dict(self) -> dict[str, Any]:

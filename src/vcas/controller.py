@@ -64,12 +64,7 @@ class Controller:
         self.conv_names = [name for name, _ in plan.convs]
         self._params = self._measured_parameters(block_list)
         self._measured_sites = self._sites_of(self._params)
-        if self.config.controller == "adaptive" and not any(self._measured_sites):
-            self._installation.remove()
-            raise AttachError(
-                "controller='adaptive' measures per-sample gradients in the sampled linear or "
-                "convolution layers, and this model has none with a trainable weight; use "
-                "VCASConfig(controller='paper')")
+        self.config, why = self._resolve_controller(model)
         self._subsets = self._parameter_subsets(seed)
         self._s = 1.0
         self._adaptive = True
@@ -84,12 +79,41 @@ class Controller:
         self._batch_source: tuple[Any, Iterator[Any]] | None = None
         self._detached = False
         if self.config.controller == "adaptive":
-            _warn_if_samples_interact(model)
             self._start_recording()  # the first training step calibrates
-        logger.info("vcas attached to %s: %s; %s", type(model).__name__,
-                    Explanation.from_plan(model, plan).summary(), self.config)
+        logger.info("vcas attached to %s: %s; controller %r (%s); %s", type(model).__name__,
+                    Explanation.from_plan(model, plan).summary(), self.config.controller, why,
+                    self.config)
 
     # ----------------------------------------------------------------- set-up helpers
+    def _resolve_controller(self, model: nn.Module) -> tuple[VCASConfig, str]:
+        """The config with ``controller="auto"`` replaced by the controller this model suits,
+        and why it runs.
+
+        The adaptive controller needs per-sample gradients of sampled layers (an error without
+        any) and samples that do not interact in the backward (a warning under BatchNorm)."""
+        chosen = self.config.controller
+        has_sites = any(site is not None for site in self._measured_sites)
+        norms = _training_batchnorms(model)
+        why = "as configured"
+        if chosen == "auto":
+            chosen = "adaptive" if has_sites and not norms else "paper"
+            why = ("auto: no sampled layer with a trainable weight" if not has_sites else
+                   f"auto: BatchNorm in training mode ({norms[0]})" if norms else "auto")
+        elif chosen == "adaptive" and not has_sites:
+            self._installation.remove()
+            raise AttachError(
+                "controller='adaptive' measures per-sample gradients in the sampled linear or "
+                "convolution layers, and this model has none with a trainable weight; use "
+                "VCASConfig(controller='paper') (or 'auto', which chooses it)")
+        elif chosen == "adaptive" and norms:
+            warnings.warn(
+                f"controller='adaptive' estimates variances from per-sample gradients, which "
+                f"assumes the samples of a batch do not interact; BatchNorm in training mode "
+                f"({norms[0]}{' and others' if len(norms) > 1 else ''}) mixes them, so its "
+                "estimates are approximate. Use controller='paper' (or 'auto', which chooses it "
+                "here), or freeze BatchNorm (eval mode).", stacklevel=4)
+        return self.config.resolve(chosen), why
+
     def _measured_parameters(self, blocks: list[tuple[str, nn.Module]]) -> list[nn.Parameter]:
         """The weights whose gradient variance is measured: the sampled linears' weights, or, in
         a model without sampled linears, the trainable parameters of the blocks."""
@@ -197,12 +221,18 @@ class Controller:
         self._saved_flags = None
 
     def _recorded_stats(self) -> adaptive.CalibrationStats | None:
-        """What the sampled layers recorded since recording started (None if nothing ran)."""
-        layers = [list(site.sample_records) if site is not None else [] for site in self._measured_sites]
-        if not any(layers):
+        """What the sampled layers recorded since recording started (None if nothing ran).
+
+        Records of a non-finite pass are dropped: a step the fp16 GradScaler skips is not an
+        optimizer step, so recording goes on into the next one, whose records then decide. (Only
+        "nothing ran" gives None, so that DDP ranks stay in step: they all merge, then skip.)"""
+        if not any(site.sample_records for site in self._measured_sites if site is not None):
             return None
-        scales = [p.numel() / max(1, records[0].total.numel()) if records else 1.0
-                  for p, records in zip(self._params, layers)]
+        layers = [[record for record in site.sample_records if record.finite]
+                  if site is not None else [] for site in self._measured_sites]
+        scales = [p.numel() / max(1, site.sample_records[0].total.numel())
+                  if site is not None and site.sample_records else 1.0
+                  for p, site in zip(self._params, self._measured_sites)]
         scores = [list(site.recorded_scores) for site in self._installation.linear_sites]
         return adaptive.CalibrationStats(layers, scales, scores, len(self.block_names))
 
@@ -249,8 +279,16 @@ class Controller:
         finally:
             self._stop_recording()
         self._adaptive = True
-        if stats is not None:
+        if stats is None:
+            self._skip_update(f"calibration at step {self._steps} recorded nothing: no sampled "
+                              "layer took part in the loss")
+        else:
             self._apply_stats(distributed.merge_stats(stats))
+
+    def _skip_update(self, reason: str) -> None:
+        self._skipped_updates += 1
+        self._last_skip_reason = f"{reason}; ratios left unchanged"
+        logger.warning("vcas: %s", self._last_skip_reason)
 
     def measure_flops(self, loss_fn: calibration.LossFn, batch: Any) -> None:
         """Measure the model's FLOPs outside the sampled layers once, with
@@ -268,11 +306,9 @@ class Controller:
         self._last = measurement
         values = [measurement.var_sgd, measurement.var_act, measurement.var_weight]
         if not all(math.isfinite(v) for v in values):
-            self._skipped_updates += 1
-            self._last_skip_reason = (
+            self._skip_update(
                 f"non-finite variance statistics at step {self._steps} (var_sgd={values[0]}, "
-                f"var_act={values[1]}, var_weight={values[2]}); ratios left unchanged")
-            logger.warning("vcas: %s", self._last_skip_reason)
+                f"var_act={values[1]}, var_weight={values[2]})")
         else:
             self._s = next_share(self._s, measurement.var_act, measurement.var_sgd, self.config)
             schedule = candidate_schedule(measurement.block_norms, self._s)
@@ -290,11 +326,9 @@ class Controller:
         config, memory = self.config, self._adaptive_state
         var_sgd = stats.sgd_variances()
         if stats.samples < 2 or not all(math.isfinite(v) for v in var_sgd) or sum(var_sgd) <= 0:
-            self._skipped_updates += 1
-            self._last_skip_reason = (
-                f"calibration step {self._steps} gave no usable SGD variance ({stats.samples} "
-                f"samples, var_sgd={sum(var_sgd)}); ratios left unchanged")
-            logger.warning("vcas: %s", self._last_skip_reason)
+            self._skip_update(f"calibration step {self._steps} gave no usable SGD variance "
+                              f"({stats.samples} samples with finite gradients, "
+                              f"var_sgd={sum(var_sgd)})")
             memory.schedule_next(self._steps, False, config.shortest_interval, config.update_every)
             return
         memory.remember(stats, self._steps, adaptive.WINDOW * config.update_every)
@@ -529,16 +563,10 @@ def _ratios(name: str, value: float | Sequence[float] | None, current: list[floa
     return [float(r) for r in values]
 
 
-def _warn_if_samples_interact(model: nn.Module) -> None:
-    """The adaptive controller's per-sample statistics assume samples independent in the backward."""
-    norms = [name for name, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    if norms:
-        warnings.warn(
-            f"controller='adaptive' estimates variances from per-sample gradients, which assumes "
-            f"the samples of a batch do not interact; BatchNorm in training mode ({norms[0]}"
-            f"{' and others' if len(norms) > 1 else ''}) mixes them, so its estimates are "
-            "approximate. Use controller='paper', or freeze BatchNorm (eval mode).", stacklevel=3)
+def _training_batchnorms(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers in training mode: they mix the samples of a batch."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
 
 def _rank() -> int:
@@ -559,7 +587,7 @@ def attach(model: nn.Module, config: VCASConfig | None = None, *,
             DistributedDataParallel or ``torch.compile`` wrapper is looked through: vcas attaches
             to the inner module, and calibration runs under DDP's ``no_sync``. Under DDP, attach
             after ``init_process_group`` and call ``maybe_calibrate`` on every rank.
-        config: a :class:`VCASConfig` (paper defaults if ``None``).
+        config: a :class:`VCASConfig` (its defaults if ``None``).
         blocks: ``None`` to detect the repeated blocks, a module class or tuple of classes, or
             a list of qualified module names.
         include: layers outside the blocks to sample as well (default: none): glob patterns

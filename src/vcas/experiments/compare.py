@@ -33,12 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--max-length", type=int, default=128, help="tokens per text")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    parser.add_argument("--update-every", type=int, default=100, help="VCAS controller period F")
+    parser.add_argument("--update-every", type=int,
+                        help="VCAS controller period F (default: the controller's, 100 for paper, "
+                             "20 for adaptive)")
     parser.add_argument("--tau", type=float, default=0.025, help="tau_act = tau_w")
-    parser.add_argument("--controller", default="paper", choices=["paper", "adaptive"],
-                        help="controller of the 'vcas' method (vcas-paper / vcas-adaptive pick one)")
-    parser.add_argument("--adaptive-update-every", type=int, default=100,
-                        help="longest calibration interval of vcas-adaptive (default 100)")
+    parser.add_argument("--controller", default="auto", choices=["auto", "adaptive", "paper"],
+                        help="controller of the 'vcas' method (default auto: VCASConfig's "
+                             "default; vcas-paper / vcas-adaptive pick one)")
+    parser.add_argument("--adaptive-update-every", type=int,
+                        help="longest calibration interval of vcas-adaptive (default 20)")
     parser.add_argument("--variance-checks", type=int, default=0,
                         help="independent large-sample checks of V/V_sgd during each VCAS run")
     parser.add_argument("--min-weight-numel", type=int,

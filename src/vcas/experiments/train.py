@@ -31,7 +31,7 @@ class RunSettings:
     baseline_keep: float = 1 / 3
     eval_limit: int | None = None
     vcas: VCASConfig = dataclasses.field(default_factory=VCASConfig)
-    adaptive_update_every: int = 100  # the longest calibration interval of vcas-adaptive
+    adaptive_update_every: int | None = None  # vcas-adaptive's longest calibration interval
     variance_checks: int = 0  # large-sample checks of the variance bound during VCAS runs
     check_batches: int = 6
     check_draws: int = 2

@@ -37,6 +37,11 @@ class SampleRecord:
     total: torch.Tensor
     pass_norms: dict[int, torch.Tensor]
 
+    @property
+    def finite(self) -> bool:
+        """False for a pass whose gradient overflowed (e.g. a step the fp16 GradScaler skips)."""
+        return bool(torch.isfinite(self.squared_norms).all()) and bool(torch.isfinite(self.total).all())
+
 
 def weight_slices(out_features: int, in_features: int, fraction: float,
                   generator: torch.Generator) -> tuple[int, torch.Tensor]:
