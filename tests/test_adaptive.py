@@ -13,7 +13,7 @@ from vcas import adaptive
 from vcas.adaptive import CalibrationStats
 from vcas.ops.records import SampleRecord
 from vcas.sampling import share_schedule
-from models import TinyCNN, TinyConv1dNet, TinyTransformer, token_batch
+from models import NormBlocksOnly, TinyCNN, TinyConv1dNet, TinyTransformer, token_batch
 
 TAU = 0.025
 
@@ -282,17 +282,7 @@ def test_a_batch_of_one_at_a_calibration_step_skips_the_update_without_crashing(
 
 
 def test_adaptive_needs_sampled_layers_and_leaves_the_model_untouched():
-    class BlocksOnly(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = torch.nn.ModuleList([torch.nn.LayerNorm(4) for _ in range(2)])
-
-        def forward(self, x):
-            for block in self.blocks:
-                x = block(x)
-            return x
-
-    model = BlocksOnly()
+    model = NormBlocksOnly()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(vcas.AttachError, match="controller='paper'"):
         vcas.attach(model, vcas.VCASConfig(controller="adaptive"), blocks=["blocks.0", "blocks.1"])
@@ -374,17 +364,7 @@ def test_auto_picks_adaptive_where_its_assumptions_hold_and_paper_elsewhere():
 
 
 def test_auto_picks_paper_for_a_model_without_sampled_layers():
-    class BlocksOnly(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = torch.nn.ModuleList([torch.nn.LayerNorm(4) for _ in range(2)])
-
-        def forward(self, x):
-            for block in self.blocks:
-                x = block(x)
-            return x
-
-    ctl = vcas.attach(BlocksOnly(), blocks=["blocks.0", "blocks.1"])
+    ctl = vcas.attach(NormBlocksOnly(), blocks=["blocks.0", "blocks.1"])
     assert (ctl.config.controller, ctl.config.update_every) == ("paper", 100)
 
 
