@@ -34,7 +34,7 @@ class VCASCallback(TrainerCallback):
     """Attach VCAS to the Trainer's model and adapt its keep ratios during ``trainer.train()``.
 
     Args:
-        config: the :class:`~vcas.VCASConfig` (paper defaults if ``None``).
+        config: the :class:`~vcas.VCASConfig` (its defaults if ``None``).
         loss_fn: ``loss_fn(model, batch) -> scalar loss`` for calibration; default
             ``model(**batch).loss``, the loss of a transformers model given ``labels``. Pass your
             own when the Trainer computes its loss differently (``compute_loss_func``, label

@@ -34,7 +34,7 @@ class VCASCallback(pl.Callback):
     """Attach VCAS to the LightningModule and adapt its keep ratios during ``trainer.fit``.
 
     Args:
-        config: the :class:`~vcas.VCASConfig` (paper defaults if ``None``).
+        config: the :class:`~vcas.VCASConfig` (its defaults if ``None``).
         loss_fn: ``loss_fn(pl_module, batch) -> scalar loss`` for calibration; default: the
             module's ``training_step`` (its ``self.log`` calls are silenced during calibration),
             run in the precision plugin's autocast context like training. Required with manual
