@@ -13,7 +13,7 @@ from vcas import adaptive
 from vcas.adaptive import CalibrationStats
 from vcas.ops.records import SampleRecord
 from vcas.sampling import share_schedule
-from models import NormBlocksOnly, TinyCNN, TinyConv1dNet, TinyTransformer, token_batch
+from models import NormBlocksOnly, TinyCNN, TinyConv1dNet, TinyTransformer, image_batch, token_batch
 
 TAU = 0.025
 
@@ -382,3 +382,51 @@ def test_update_every_defaults_per_controller_and_validates():
     assert vcas.VCASConfig(update_every=5).resolve("adaptive").update_every == 5
     with pytest.raises(vcas.ConfigError, match="min_update_every"):
         vcas.VCASConfig(min_update_every=30).resolve("adaptive")
+
+
+def test_a_config_error_at_attach_leaves_the_model_untouched():
+    model = TinyTransformer(depth=2)
+    with pytest.raises(vcas.ConfigError, match="min_update_every"):
+        vcas.attach(model, vcas.VCASConfig(min_update_every=30))  # auto -> adaptive, F = 20
+    assert not any(m._forward_hooks for m in model.modules())
+    vcas.attach(model).detach()  # and it attaches again
+
+
+def test_batchnorm_put_in_training_mode_after_attach_warns_at_the_first_calibration():
+    torch.manual_seed(0)
+    model = TinyCNN(depth=2).eval()  # as from_pretrained returns a model
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0))
+    assert ctl.config.controller == "adaptive"
+    model.train()
+    x, y = image_batch()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(UserWarning, match="BatchNorm in training mode"):
+        ctl.maybe_calibrate()
+
+
+def test_a_state_dict_of_the_other_controller_is_refused():
+    paper = vcas.attach(TinyTransformer(depth=2), vcas.VCASConfig(seed=0, controller="paper"))
+    other = vcas.attach(TinyTransformer(depth=2), vcas.VCASConfig(seed=0))
+    with pytest.raises(vcas.StateDictError, match="controller='paper'"):
+        other.load_state_dict(paper.state_dict())
+
+
+def test_a_pass_that_overflowed_in_some_layers_is_dropped_from_every_layer():
+    torch.manual_seed(0)
+    model = TinyTransformer(depth=3)
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0))  # the first step records
+
+    def overflow_below_the_top_block(module, args, output):
+        output.register_hook(lambda grad: grad * float("inf"))
+
+    handle = model.blocks[1].register_forward_hook(overflow_below_the_top_block)
+    tokens, labels = token_batch(n=8)
+    F.cross_entropy(model(tokens), labels).backward()  # a skipped fp16 step: not counted
+    handle.remove()
+    model.zero_grad()
+    F.cross_entropy(model(tokens), labels).backward()
+    stats = ctl._recorded_stats()
+    kept = [records for records in stats.layers if records]
+    assert kept and all(len(records) == 1 for records in kept)  # only the finite pass, everywhere
+    assert len({id(records[0].pass_norms) for records in kept}) == 1
+    assert ctl.maybe_calibrate() and ctl.stats()["skipped_updates"] == 0

@@ -45,7 +45,7 @@ def test_candidate_schedule_matches_a_hand_computation():
 
 def test_update_applies_the_schedule_of_the_new_share_not_the_old():
     model = TinyTransformer(depth=3)
-    ctl = vcas.attach(model, vcas.VCASConfig(s_step=0.3, min_weight_numel=0))
+    ctl = vcas.attach(model, vcas.VCASConfig(s_step=0.3, min_weight_numel=0, controller="paper"))
     n_linear = len(ctl.linear_names)
     measurement = Measurement(var_sgd_layers=[1.0] * n_linear, var_act_layers=[0.0] * n_linear,
                               var_weight_layers=[1.0] + [0.0] * (n_linear - 1),
@@ -66,7 +66,7 @@ def test_update_applies_the_schedule_of_the_new_share_not_the_old():
 
 def test_linears_below_min_weight_numel_keep_exact_weight_gradients():
     model = TinyTransformer(depth=3)  # linears of 16 x 48, 16 x 32 (>= 512 entries), 16 x 16, 16 x 3
-    ctl = vcas.attach(model, vcas.VCASConfig(s_step=0.3, min_weight_numel=512))
+    ctl = vcas.attach(model, vcas.VCASConfig(s_step=0.3, min_weight_numel=512, controller="paper"))
     n = len(ctl.linear_names)
     ctl._apply(Measurement([1.0] * n, [0.0] * n, [0.0] * n, _norms()))
     large = [site.module.weight.numel() >= 512 for site in ctl._installation.linear_sites]
@@ -76,7 +76,7 @@ def test_linears_below_min_weight_numel_keep_exact_weight_gradients():
 
 def test_ratio_ema_smooths_the_schedule():
     model = TinyTransformer(depth=3)
-    ctl = vcas.attach(model, vcas.VCASConfig(s_step=0.3, ratio_ema=0.6))
+    ctl = vcas.attach(model, vcas.VCASConfig(s_step=0.3, ratio_ema=0.6, controller="paper"))
     n = len(ctl.linear_names)
     ctl._apply(Measurement([1.0] * n, [0.0] * n, [0.0] * n, _norms()))
     expected = [0.6 * 1.0 + 0.4 * r for r in candidate_schedule(_norms(), 0.7)]

@@ -1,8 +1,10 @@
 """Batches of one, padding, zero and non-finite gradients, and resuming from a state_dict."""
 
 import copy
+import dataclasses
 import itertools
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -75,10 +77,12 @@ def _train(model, ctl, steps, start=0):
         ctl.maybe_calibrate(loss_fn, [token_batch(seed=1000 + step), token_batch(seed=2000 + step)])
 
 
-def test_state_dict_resumes_exactly():
+@pytest.mark.parametrize("controller", ["paper", "adaptive"])
+def test_state_dict_resumes_exactly(controller):
     torch.manual_seed(0)
     model = TinyTransformer()
-    ctl = vcas.attach(model, vcas.VCASConfig(update_every=2, s_step=0.2, tau_act=1.0, seed=0))
+    config = vcas.VCASConfig(update_every=2, s_step=0.2, tau_act=1.0, seed=0, controller=controller)
+    ctl = vcas.attach(model, config)
     _train(model, ctl, 4)
     saved_model, saved_ctl = copy.deepcopy(model.state_dict()), copy.deepcopy(ctl.state_dict())
     _train(model, ctl, 4, start=4)
@@ -86,7 +90,7 @@ def test_state_dict_resumes_exactly():
     torch.manual_seed(1)
     resumed = TinyTransformer()
     resumed.load_state_dict(saved_model)
-    ctl2 = vcas.attach(resumed, vcas.VCASConfig(update_every=2, s_step=0.2, tau_act=1.0, seed=99))
+    ctl2 = vcas.attach(resumed, dataclasses.replace(config, seed=99))
     ctl2.load_state_dict(saved_ctl)
     _train(resumed, ctl2, 4, start=4)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))

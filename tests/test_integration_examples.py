@@ -23,7 +23,7 @@ def _missing(*modules: str) -> bool:
 def _updates(out: str, prefix: str = "") -> int:
     """The controller updates an example printed (the default, adaptive, controller calibrates
     from the first step on, so their number depends on how stable the solution is)."""
-    match = re.search(re.escape(prefix) + r"\s*updates (\d+)", out)
+    match = re.search(re.escape(prefix) + r"\s*\bupdates (\d+)", out)
     assert match, out[-2000:]
     return int(match.group(1))
 

@@ -65,6 +65,9 @@ class Controller:
         self._params = self._measured_parameters(block_list)
         self._measured_sites = self._sites_of(self._params)
         self.config, why = self._resolve_controller(model)
+        # A model attached in eval mode (as from_pretrained returns it) may train its BatchNorm
+        # later: the first calibration step looks again.
+        self._batchnorm_unchecked = self.config.controller == "adaptive" and not _training_batchnorms(model)
         self._subsets = self._parameter_subsets(seed)
         self._s = 1.0
         self._adaptive = True
@@ -106,13 +109,12 @@ class Controller:
                 "convolution layers, and this model has none with a trainable weight; use "
                 "VCASConfig(controller='paper') (or 'auto', which chooses it)")
         elif chosen == "adaptive" and norms:
-            warnings.warn(
-                f"controller='adaptive' estimates variances from per-sample gradients, which "
-                f"assumes the samples of a batch do not interact; BatchNorm in training mode "
-                f"({norms[0]}{' and others' if len(norms) > 1 else ''}) mixes them, so its "
-                "estimates are approximate. Use controller='paper' (or 'auto', which chooses it "
-                "here), or freeze BatchNorm (eval mode).", stacklevel=4)
-        return self.config.resolve(chosen), why
+            warnings.warn(_batchnorm_warning(norms, "here"), stacklevel=4)
+        try:
+            return self.config.resolve(chosen), why
+        except ConfigError:
+            self._installation.remove()  # leave the user's model as it was
+            raise
 
     def _measured_parameters(self, blocks: list[tuple[str, nn.Module]]) -> list[nn.Parameter]:
         """The weights whose gradient variance is measured: the sampled linears' weights, or, in
@@ -191,6 +193,7 @@ class Controller:
         if self._saved_flags is not None:
             stats = self._recorded_stats()
             if stats is not None:
+                self._check_batchnorm_once()
                 self._stop_recording()
                 if self._state.tally.other_forward_per_linear is None and loss_fn is not None \
                         and batches is not None:
@@ -200,6 +203,12 @@ class Controller:
         if self._saved_flags is None and self._steps + 1 >= self._adaptive_state.next_step:
             self._start_recording()
         return updated
+
+    def _check_batchnorm_once(self) -> None:
+        norms = _training_batchnorms(self.model) if self._batchnorm_unchecked else []
+        self._batchnorm_unchecked = False
+        if norms:
+            warnings.warn(_batchnorm_warning(norms, "when attached in training mode"), stacklevel=4)
 
     def _start_recording(self) -> None:
         state = self._state
@@ -223,13 +232,18 @@ class Controller:
     def _recorded_stats(self) -> adaptive.CalibrationStats | None:
         """What the sampled layers recorded since recording started (None if nothing ran).
 
-        Records of a non-finite pass are dropped: a step the fp16 GradScaler skips is not an
-        optimizer step, so recording goes on into the next one, whose records then decide. (Only
-        "nothing ran" gives None, so that DDP ranks stay in step: they all merge, then skip.)"""
+        A pass with a non-finite record in any layer is dropped from every layer (the layers
+        above the overflow would otherwise mix two loss scales): a step the fp16 GradScaler skips
+        is not an optimizer step, so when the caller skips ``maybe_calibrate`` for it (the
+        integrations do), recording goes on into the next step, whose records then decide.
+        (Only "nothing ran" gives None, so that DDP ranks stay in step: they all merge, then
+        skip alike.) Row scores of such a pass stay: they are finite, and can only make a weight
+        ratio more cautious."""
         if not any(site.sample_records for site in self._measured_sites if site is not None):
             return None
-        layers = [[record for record in site.sample_records if record.finite]
-                  if site is not None else [] for site in self._measured_sites]
+        records = [list(site.sample_records) if site is not None else [] for site in self._measured_sites]
+        overflowed = {id(r.pass_norms) for layer in records for r in layer if not r.finite}
+        layers = [[r for r in layer if id(r.pass_norms) not in overflowed] for layer in records]
         scales = [p.numel() / max(1, site.sample_records[0].total.numel())
                   if site is not None and site.sample_records else 1.0
                   for p, site in zip(self._params, self._measured_sites)]
@@ -417,6 +431,8 @@ class Controller:
         """Current ratios, last variance estimates, step counts and FLOPs reductions."""
         tally = self._state.tally
         return {
+            "controller": self.config.controller,  # resolved: "adaptive" or "paper"
+            "update_every": self.config.update_every,
             **self._ratio_stats(),
             **self._variance_stats(),
             "steps": self._steps,
@@ -483,6 +499,11 @@ class Controller:
             state = {**state, "adaptive_state": adaptive.AdaptiveState().state_dict(), "recording": False}
         elif state.get("version") != _STATE_VERSION:
             raise StateDictError(f"unsupported vcas state version {state.get('version')!r}")
+        saved = state.get("config", {}).get("controller", self.config.controller)
+        if saved != self.config.controller:
+            raise StateDictError(
+                f"this state_dict was saved by the {saved!r} controller, and this one is "
+                f"{self.config.controller!r}; attach with VCASConfig(controller={saved!r})")
         for key in ("block_names", "linear_names"):
             if list(state[key]) != getattr(self, key):
                 raise StateDictError(
@@ -561,6 +582,14 @@ def _ratios(name: str, value: float | Sequence[float] | None, current: list[floa
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ConfigError(f"{name} ratio {ratio!r} is invalid: keep ratios must be in (0, 1]")
     return [float(r) for r in values]
+
+
+def _batchnorm_warning(norms: list[str], auto_would: str) -> str:
+    return (f"controller='adaptive' estimates variances from per-sample gradients, which assumes "
+            f"the samples of a batch do not interact; BatchNorm in training mode ({norms[0]}"
+            f"{' and others' if len(norms) > 1 else ''}) mixes them, so its estimates are "
+            f"approximate. Use controller='paper' (or 'auto', which chooses it {auto_would}), "
+            "or freeze BatchNorm (eval mode).")
 
 
 def _training_batchnorms(model: nn.Module) -> list[str]:

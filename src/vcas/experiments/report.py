@@ -58,7 +58,8 @@ def _run_record(seed: int, run: RunResult, exact: RunResult | None) -> dict[str,
     if run.method.startswith("vcas"):
         record.update(s=run.stats["s"], act_ratios=run.stats["act_ratios"],
                       weight_ratios=run.stats["weight_ratios"], updates=run.stats["updates"],
-                      skipped_updates=run.stats["skipped_updates"])
+                      skipped_updates=run.stats["skipped_updates"],
+                      controller=run.stats["controller"], update_every=run.stats["update_every"])
     return record
 
 
@@ -138,7 +139,8 @@ def _markdown(summary: dict[str, Any], plots: list[str]) -> str:
               "kept (work outside the sampled layers counted as exact).", ""]
     vcas_runs = [r for r in summary["runs"] if r["method"].startswith("vcas")]
     for run in vcas_runs:
-        lines.append(f"{run['method']} seed {run['seed']}: s = {run['s']:.3f}, updates {run['updates']}, "
+        lines.append(f"{run['method']} seed {run['seed']} ({run['controller']} controller, F = "
+                     f"{run['update_every']}): s = {run['s']:.3f}, updates {run['updates']}, "
                      f"act ratios {[round(x, 3) for x in run['act_ratios']]}, mean weight ratio "
                      f"{statistics.fmean(run['weight_ratios']):.3f}")
     for run in summary["runs"]:
