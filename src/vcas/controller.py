@@ -64,10 +64,11 @@ class Controller:
         self.conv_names = [name for name, _ in plan.convs]
         self._params = self._measured_parameters(block_list)
         self._measured_sites = self._sites_of(self._params)
-        self.config, why = self._resolve_controller(model)
+        norms = _training_batchnorms(model)
+        self.config, why = self._resolve_controller(norms)
         # A model attached in eval mode (as from_pretrained returns it) may train its BatchNorm
         # later: the first calibration step looks again.
-        self._batchnorm_unchecked = self.config.controller == "adaptive" and not _training_batchnorms(model)
+        self._batchnorm_unchecked = self.config.controller == "adaptive" and not norms
         self._subsets = self._parameter_subsets(seed)
         self._s = 1.0
         self._adaptive = True
@@ -88,15 +89,15 @@ class Controller:
                     self.config)
 
     # ----------------------------------------------------------------- set-up helpers
-    def _resolve_controller(self, model: nn.Module) -> tuple[VCASConfig, str]:
+    def _resolve_controller(self, norms: list[str]) -> tuple[VCASConfig, str]:
         """The config with ``controller="auto"`` replaced by the controller this model suits,
         and why it runs.
 
         The adaptive controller needs per-sample gradients of sampled layers (an error without
-        any) and samples that do not interact in the backward (a warning under BatchNorm)."""
+        any) and samples that do not interact in the backward (a warning under the BatchNorm
+        layers in training mode, ``norms``)."""
         chosen = self.config.controller
         has_sites = any(site is not None for site in self._measured_sites)
-        norms = _training_batchnorms(model)
         why = "as configured"
         if chosen == "auto":
             chosen = "adaptive" if has_sites and not norms else "paper"
