@@ -40,19 +40,32 @@ def test_budget_above_positive_count_keeps_all_positive():
     assert capped_proportional_probs(torch.zeros(4), 2.0).tolist() == [0.0] * 4
 
 
-@pytest.mark.parametrize("ratio", [0.01, 0.1, 0.3, 0.5, 0.8])
-def test_water_filling_and_sorting_give_the_same_probabilities(ratio):
-    """On the CPU, low budgets are solved without sorting; both ways must agree."""
-    from vcas.sampling import _sorted_solution
+def _reference_probs(scores: list[float], budget: float) -> list[float]:
+    """The capped-proportional solution by the definition, in Python floats: cap the m largest
+    scores for the smallest m whose (m+1)-th largest score stays below 1 at c = (k - m) / tail."""
+    ordered = sorted(scores, reverse=True)
+    if sum(x > 0 for x in scores) <= budget:
+        return [float(x > 0) for x in scores]
+    for m in range(len(ordered)):
+        scale = (budget - m) / math.fsum(ordered[m:])
+        if ordered[m] * scale <= 1.0:
+            return [min(1.0, x * scale) for x in scores]
+    raise AssertionError("no solution")
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.1, 0.3, 0.5, 0.8, 0.99])
+def test_capped_proportional_equals_the_definition_on_heavy_tails(ratio):
+    """Only the ceil(budget) largest scores are ranked; the result must still be the solution,
+    for light and heavy tails, zeros, and rows solved together."""
     g = torch.Generator().manual_seed(3)
     for scores in (torch.rand(500, generator=g), torch.rand(500, generator=g) ** 8,
                    torch.exp(3 * torch.randn(500, generator=g)), torch.rand(3, 200, generator=g)):
         scores[..., ::7] = 0.0
-        rows = scores.reshape(-1, scores.shape[-1])
         budget = ratio * scores.shape[-1]
-        expected = _sorted_solution(rows, budget).reshape(scores.shape)
-        torch.testing.assert_close(capped_proportional_probs(scores, budget), expected,
-                                   rtol=1e-5, atol=1e-6)
+        expected = torch.tensor([_reference_probs(row.tolist(), budget)
+                                 for row in scores.reshape(-1, scores.shape[-1])])
+        torch.testing.assert_close(capped_proportional_probs(scores, budget),
+                                   expected.reshape(scores.shape).float(), rtol=1e-5, atol=1e-6)
 
 
 def test_sorted_scores_variance_equals_solving_and_summing():

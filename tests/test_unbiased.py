@@ -87,8 +87,12 @@ def test_negative_control_a_biased_sampler_is_caught(monkeypatch):
         uniform = torch.rand(probs.shape, generator=generator, dtype=probs.dtype)
         return (uniform < probs).to(probs.dtype)
 
+    def keep_rows_without_reweighting(probs, generator=None):
+        kept = torch.nonzero(keep_without_reweighting(probs, generator)).squeeze(1)
+        return kept, torch.ones(kept.numel(), dtype=probs.dtype)
+
     monkeypatch.setattr(vcas.ops.activation, "bernoulli_weights", keep_without_reweighting)
-    monkeypatch.setattr(vcas.ops.linear, "bernoulli_weights", keep_without_reweighting)
+    monkeypatch.setattr(vcas.ops.linear, "bernoulli_keep", keep_rows_without_reweighting)
     stats = _check(*_transformer_case(), act=0.5, weight=0.5)
     assert stats["mean_energy"] > 10.0, stats
 

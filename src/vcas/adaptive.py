@@ -35,7 +35,7 @@ import torch
 
 from .calibration import Measurement
 from .ops.records import SampleRecord
-from .sampling import SortedScores, capped_proportional_probs, share_schedule
+from .sampling import ShareSchedule, SortedScores, capped_proportional_probs
 
 # Calibrations pooled by the decision rule (older ones have decayed away anyway) ...
 MEMORY = 16
@@ -61,6 +61,8 @@ class CalibrationStats:
     scales: list[float]
     row_scores: list[list[torch.Tensor]]
     n_blocks: int
+    _sgd_variances: list[float] | None = dataclasses.field(default=None, init=False, repr=False,
+                                                           compare=False)
 
     @property
     def samples(self) -> int:
@@ -68,7 +70,13 @@ class CalibrationStats:
 
     def sgd_variances(self) -> list[float]:
         """Per measured weight, the unbiased within-batch estimate of the variance of the
-        minibatch gradient: ``(N sum_i ||c_i||^2 - ||sum_i c_i||^2) / (N - 1)``, scaled up."""
+        minibatch gradient: ``(N sum_i ||c_i||^2 - ||sum_i c_i||^2) / (N - 1)``, scaled up.
+        Computed once: the records do not change, and every later update pools them again."""
+        if self._sgd_variances is None:
+            self._sgd_variances = self._within_batch_variances()
+        return list(self._sgd_variances)
+
+    def _within_batch_variances(self) -> list[float]:
         variances = []
         for records, scale in zip(self.layers, self.scales):
             n = sum(r.squared_norms.numel() for r in records)
@@ -130,6 +138,33 @@ def second_moments(norms: dict[int, torch.Tensor], above: Sequence[int | None],
 
     Upper samplers are simulated (``draws`` weight vectors); at each sampling block the moment
     given the weights above is exact (``w^2 / p``), which removes that block's own draw noise."""
+    return _simulate([norms], above, ratios, generator, draws)[0]
+
+
+def passes_second_moments(passes: Sequence[dict[int, torch.Tensor]], above: Sequence[int | None],
+                          ratios: Sequence[float]) -> list[dict[int, torch.Tensor]]:
+    """:func:`second_moments` of every pass with the fixed generator (common random numbers:
+    each pass gets the draws a fresh generator gives), simulated together where passes have
+    the same blocks and sizes: the bisection evaluates every pooled pass a dozen times."""
+    groups: dict[tuple[tuple[int, int], ...], list[int]] = {}
+    for index, norms in enumerate(passes):
+        signature = tuple(sorted((block, n.numel()) for block, n in norms.items()))
+        groups.setdefault(signature, []).append(index)
+    moments: list[dict[int, torch.Tensor]] = [{} for _ in passes]
+    for indices in groups.values():
+        group = _simulate([passes[i] for i in indices], above, ratios, _fixed_generator())
+        for index, result in zip(indices, group):
+            moments[index] = result
+    return moments
+
+
+def _simulate(passes: Sequence[dict[int, torch.Tensor]], above: Sequence[int | None],
+              ratios: Sequence[float], generator: torch.Generator,
+              draws: int = SIMULATION_DRAWS) -> list[dict[int, torch.Tensor]]:
+    """:func:`second_moments` of passes with the same blocks and sizes, stacked along a first
+    dimension; every pass sees the same uniform draws (one ``(draws, n)`` tensor per block)."""
+    stacked = {block: torch.stack([p[block].double().flatten() for p in passes]).unsqueeze(1)
+               for block in passes[0]}  # (passes, 1, n)
     memo: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     def visit(block: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -137,26 +172,28 @@ def second_moments(norms: dict[int, torch.Tensor], above: Sequence[int | None],
             return memo[block]
         parent = above[block]
         weights, moments = visit(parent) if parent is not None else (None, None)
-        block_norms = norms.get(block)
+        block_norms = stacked.get(block)
         ratio_above = 1.0 if parent is None else ratios[parent]
         if block_norms is not None and ratios[block] < ratio_above:
-            n = block_norms.numel()
-            if weights is None:
-                weights = torch.ones(draws, n, dtype=torch.float64)
-            probs = capped_proportional_probs(weights * block_norms.double(), ratios[block] * n)
+            n = block_norms.shape[-1]
+            # Weights of 1 at the top sampler: its probabilities are the same for every draw.
+            incoming = torch.ones((), dtype=torch.float64) if weights is None else weights
+            scores = incoming * block_norms  # (passes, 1 or draws, n)
+            probs = capped_proportional_probs(scores.reshape(-1, n), ratios[block] * n).reshape(scores.shape)
             safe = probs.clamp(min=torch.finfo(probs.dtype).tiny)
-            moments = torch.where(probs > 0, weights.pow(2) / safe, torch.zeros_like(probs)).mean(0)
-            kept = torch.rand(probs.shape, generator=generator, dtype=probs.dtype) < probs
-            weights = torch.where(kept, weights / safe, torch.zeros_like(weights))
+            moments = torch.where(probs > 0, incoming.pow(2) / safe, 0.0).mean(1)
+            kept = torch.rand((draws, n), generator=generator, dtype=probs.dtype) < probs
+            weights = torch.where(kept, incoming / safe, 0.0)
         memo[block] = (weights, moments)
         return memo[block]
 
-    result = {}
-    for block in norms:
+    results: list[dict[int, torch.Tensor]] = [{} for _ in passes]
+    for block in stacked:
         _, moments = visit(block)
         if moments is not None:
-            result[block] = moments
-    return result
+            for index, result in enumerate(results):
+                result[block] = moments[index]
+    return results
 
 
 def act_variances(stats: CalibrationStats, above: Sequence[int | None],
@@ -164,17 +201,16 @@ def act_variances(stats: CalibrationStats, above: Sequence[int | None],
     """Per measured weight, the variance activation sampling at ``ratios`` adds to its gradient
     on this calibration's samples: ``sum_i (E[w_i^2] - 1) ||c_i||^2`` (deterministic: each
     pass's simulation uses the same fixed seed, so bisection sees a fixed function)."""
-    moments: dict[int, dict[int, torch.Tensor]] = {}
+    passes = {id(r.pass_norms): r.pass_norms for records in stats.layers for r in records
+              if r.block is not None and r.pass_norms}
+    moments = dict(zip(passes, passes_second_moments(list(passes.values()), above, ratios)))
     variances = []
     for records, scale in zip(stats.layers, stats.scales):
         total = 0.0
         for record in records:
             if record.block is None:
                 continue  # above every sampler: never sampled
-            key = id(record.pass_norms)
-            if key not in moments:
-                moments[key] = second_moments(record.pass_norms, above, ratios, _fixed_generator())
-            moment = moments[key].get(record.block)
+            moment = moments.get(id(record.pass_norms), {}).get(record.block)
             if moment is not None and moment.numel() == record.squared_norms.numel():
                 total += float((_added_variance_factor(moment) * record.squared_norms).sum())
         variances.append(scale * total)
@@ -220,8 +256,8 @@ class _PooledExcess:
 
     def variance(self, above: Sequence[int | None], ratios: Sequence[float]) -> float:
         total = 0.0
-        for weight, norms, sums in self.passes:
-            moments = second_moments(norms, above, ratios, _fixed_generator())
+        all_moments = passes_second_moments([norms for _, norms, _ in self.passes], above, ratios)
+        for (weight, _, sums), moments in zip(self.passes, all_moments):
             for block, excess in sums.items():
                 moment = moments.get(block)
                 if moment is not None and moment.numel() == excess.numel():
@@ -235,10 +271,10 @@ def solve_share(pool: Pool, above: Sequence[int | None], budget: float,
     norms = pooled_block_norms(pool)
     if not norms:
         return 1.0
-    pooled = _PooledExcess(pool)
+    pooled, schedule = _PooledExcess(pool), ShareSchedule(norms)
 
     def within(share: float) -> bool:
-        return pooled.variance(above, share_schedule(norms, share)) <= budget
+        return pooled.variance(above, schedule(share)) <= budget
 
     if within(0.0):
         return 0.0
@@ -298,7 +334,7 @@ def summary(stats: CalibrationStats, above: Sequence[int | None], act_ratios: Se
     """This calibration's variances at the new ratios, in the form ``Controller.stats`` reports."""
     return Measurement(
         stats.sgd_variances(), act_variances(stats, above, act_ratios),
-        [weight_variance([(1.0, sc) for sc in scores], nu)
+        [weight_variance([(1.0, sc) for sc in scores], nu) if nu < 1.0 else 0.0
          for scores, nu in zip(stats.row_scores, weight_ratios)],
         stats.block_norms(), stats.row_scores, list(act_ratios))
 

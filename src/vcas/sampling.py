@@ -5,6 +5,9 @@ Nothing here holds state: randomness comes from an explicit ``torch.Generator``.
 
 from __future__ import annotations
 
+import bisect
+import math
+
 import torch
 
 
@@ -24,52 +27,51 @@ def capped_proportional_probs(scores: torch.Tensor, budget: float) -> torch.Tens
     scores = scores.detach()
     scores = scores if scores.dtype == torch.float64 else scores.float()
     rows = scores.reshape(-1, scores.shape[-1]) if scores.dim() else scores.reshape(1, 1)
-    positive = rows > 0
-    if budget <= 0:
+    if budget <= 0 or rows.numel() == 0:
         return torch.zeros_like(scores)
-    low_budget = budget <= 0.5 * rows.shape[1]
-    probs = _water_filling(rows, budget) if rows.device.type == "cpu" and low_budget else None
-    if probs is None:
-        probs = _sorted_solution(rows, budget)
+    if scores.dim() == 1 and scores.device.type == "cpu":
+        return _capped_vector(scores, budget)
+    positive = rows > 0
     keep_all = positive.sum(1, keepdim=True) <= budget
-    probs = torch.where(keep_all, positive.to(rows.dtype), probs)
+    probs = torch.where(keep_all, positive.to(rows.dtype), _capped_rows(rows, budget))
     return probs.reshape(scores.shape)
 
 
-# Water-filling passes tried before sorting: a pass is a few element-wise ops, and budgets of at
-# most half the scores (where sampling pays) cap few scores and converge in one to three passes.
-_WATER_FILLING_PASSES = 3
+# Fewer than ``budget`` scores are capped, so only the ``ceil(budget)`` largest are ranked: a
+# partial top-k costs a fraction of a full sort. The sampled ops solve once per layer and step,
+# so the solvers below are written in few tensor ops.
+
+def _fitting_ranks(rows: torch.Tensor, budget: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fits[:, m]``: whether the (m+1)-th largest score stays below 1 with the m largest
+    capped, at ``c = (k - m) / tail[m]``; ``tail[:, m]``: the sum of the scores ranked below the
+    m largest, in float64 (a small difference of large sums under heavy capped scores). The
+    solution caps the smallest fitting m, which exists for rows with more than ``budget``
+    positive scores."""
+    top = torch.topk(rows, min(rows.shape[1], math.ceil(budget)), dim=1).values
+    total = rows.sum(1, keepdim=True, dtype=torch.float64)
+    tail = (total + top) - top.cumsum(1, dtype=torch.float64)
+    m = torch.arange(top.shape[1], device=rows.device, dtype=torch.float64)
+    return (budget - m) * top <= tail, tail
 
 
-def _water_filling(rows: torch.Tensor, budget: float) -> torch.Tensor | None:
-    """The same solution without sorting, for the CPU, where the host sync of the convergence
-    test costs nothing: cap every score that ``c * x > 1`` pushes over 1, recompute ``c`` on the
-    rest, repeat until no new score is capped (``c`` only grows, so the capped set grows to the
-    solution's). ``None`` if that takes more than a few passes."""
-    tiny = torch.finfo(rows.dtype).tiny
-    capped = torch.zeros_like(rows, dtype=torch.bool)
-    for _ in range(_WATER_FILLING_PASSES):
-        free_sum = torch.where(capped, 0.0, rows).sum(1, keepdim=True)
-        scale = (budget - capped.sum(1, keepdim=True).to(rows.dtype)) / free_sum.clamp(min=tiny)
-        grown = capped | (rows * scale > 1.0)
-        if torch.equal(grown, capped):
-            return torch.where(capped, 1.0, rows * scale)
-        capped = grown
-    return None
-
-
-def _sorted_solution(rows: torch.Tensor, budget: float) -> torch.Tensor:
-    ordered, _ = torch.sort(rows, dim=1, descending=True)
-    # tail[:, m] = sum of the scores ranked below the m largest (m capped items).
-    tail = ordered.flip(1).cumsum(1).flip(1)
-    m = torch.arange(rows.shape[1], device=rows.device, dtype=rows.dtype)
-    # The smallest m for which the (m+1)-th largest score is not capped by c = (k - m) / tail[m]
-    # (it exists whenever the budget is below the number of positive scores).
-    fits = (budget - m) * ordered <= tail
+def _capped_rows(rows: torch.Tensor, budget: float) -> torch.Tensor:
+    """The solution for every row, without a host sync (the GPU's and the simulations' case)."""
+    fits, tail = _fitting_ranks(rows, budget)
     n_capped = fits.int().argmax(dim=1, keepdim=True)
-    free_tail = tail.gather(1, n_capped)
-    scale = (budget - n_capped.to(rows.dtype)) / free_tail.clamp(min=torch.finfo(rows.dtype).tiny)
+    free_tail = tail.gather(1, n_capped).clamp(min=torch.finfo(torch.float64).tiny)
+    scale = ((budget - n_capped.double()) / free_tail).to(rows.dtype)
     return (rows * scale).clamp_(max=1.0)
+
+
+def _capped_vector(scores: torch.Tensor, budget: float) -> torch.Tensor:
+    """The solution for one vector on the CPU, where a host sync is free: the scalars are
+    Python numbers, and one count settles whether everything is kept."""
+    if int(torch.count_nonzero(scores)) <= budget:
+        return (scores > 0).to(scores.dtype)
+    fits, tail = _fitting_ranks(scores.unsqueeze(0), budget)
+    n_capped = int(fits.int().argmax())
+    scale = (budget - n_capped) / max(float(tail[0, n_capped]), torch.finfo(torch.float64).tiny)
+    return (scores * scale).clamp_(max=1.0)
 
 
 def bernoulli_weights(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -77,6 +79,16 @@ def bernoulli_weights(probs: torch.Tensor, generator: torch.Generator | None = N
     uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
     kept = uniform < probs
     return torch.where(kept, 1.0 / probs.clamp(min=torch.finfo(probs.dtype).tiny), torch.zeros_like(probs))
+
+
+def bernoulli_keep(probs: torch.Tensor, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same draw as :func:`bernoulli_weights` for a vector of probabilities, returned as the
+    kept indices and their weights ``1/p``: an op that gathers the kept rows needs no dense
+    weight vector."""
+    uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    kept = torch.nonzero(uniform < probs).squeeze(1)
+    return kept, probs.index_select(0, kept).clamp_(min=torch.finfo(probs.dtype).tiny).reciprocal_()
 
 
 def sampling_variance(probs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -131,17 +143,26 @@ def norm_share_fraction(norms: torch.Tensor, share: float) -> float:
 
     At least one item is always kept, so the result lies in ``[1/N, 1]``. All-zero norms give 1/N.
     """
-    n = norms.numel()
-    if n == 0:
-        return 1.0
-    ordered, _ = torch.sort(norms.detach().double().flatten(), descending=True)
-    total = float(ordered.sum())
-    if total <= 0:
-        return 1.0 / n
-    cumulative = ordered.cumsum(0)
-    # The tolerance keeps share = 1 from demanding more than all of the items through rounding.
-    needed = int((cumulative < share * total * (1 - 1e-12)).sum()) + 1
-    return min(max(needed, 1), n) / n
+    return _RankedNorms(norms).fraction(share)
+
+
+class _RankedNorms:
+    """One batch's norms sorted once, for :func:`norm_share_fraction` at many shares."""
+
+    def __init__(self, norms: torch.Tensor) -> None:
+        ordered, _ = torch.sort(norms.detach().double().flatten(), descending=True)
+        self.n = ordered.numel()
+        self.total = float(ordered.sum())
+        self.cumulative = ordered.cumsum(0).tolist()
+
+    def fraction(self, share: float) -> float:
+        if self.n == 0:
+            return 1.0
+        if self.total <= 0:
+            return 1.0 / self.n
+        # The tolerance keeps share = 1 from demanding more than all of the items through rounding.
+        needed = bisect.bisect_left(self.cumulative, share * self.total * (1 - 1e-12)) + 1
+        return min(max(needed, 1), self.n) / self.n
 
 
 def monotone_schedule(fractions: list[float]) -> list[float]:
@@ -157,9 +178,18 @@ def share_schedule(block_norms: list[list[torch.Tensor | None]], share: float) -
     """rho(s): per block, the mean over calibration batches of :func:`norm_share_fraction`, made
     monotone with :func:`monotone_schedule`. ``block_norms[batch][block]`` holds per-sample norms;
     a block whose gradient was never seen (``None``) keeps everything, the conservative choice."""
-    n_blocks = len(block_norms[0]) if block_norms else 0
-    fractions = []
-    for block in range(n_blocks):
-        seen = [batch[block] for batch in block_norms if batch[block] is not None]
-        fractions.append(sum(norm_share_fraction(n, share) for n in seen) / len(seen) if seen else 1.0)
-    return monotone_schedule(fractions)
+    return ShareSchedule(block_norms)(share)
+
+
+class ShareSchedule:
+    """:func:`share_schedule` of fixed norms at many shares, sorting each batch's norms once
+    (the adaptive controller's bisection evaluates a dozen shares per calibration)."""
+
+    def __init__(self, block_norms: list[list[torch.Tensor | None]]) -> None:
+        n_blocks = len(block_norms[0]) if block_norms else 0
+        self.blocks = [[_RankedNorms(batch[block]) for batch in block_norms if batch[block] is not None]
+                       for block in range(n_blocks)]
+
+    def __call__(self, share: float) -> list[float]:
+        return monotone_schedule([sum(r.fraction(share) for r in seen) / len(seen) if seen else 1.0
+                                  for seen in self.blocks])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..accounting import CALIBRATION, FlopBucket
-from ..sampling import bernoulli_weights, capped_proportional_probs, sampling_variance
+from ..sampling import bernoulli_keep, capped_proportional_probs, sampling_variance
 from ..state import SamplingState
 from .activation import finite_norms, nonzero_rows
 from .autocast import autocast_inputs
@@ -170,9 +170,8 @@ def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor
         site.recorded_scores.append(scores.detach().cpu())
     if not sample:
         return g_rows.t() @ _gather(xs, rows), n
-    weights = bernoulli_weights(probs, state.generator(g_rows.device))
-    kept = torch.nonzero(weights).squeeze(1)
-    scaled = g_rows.index_select(0, kept) * weights.index_select(0, kept).to(g_rows.dtype).unsqueeze(1)
+    kept, weights = bernoulli_keep(probs, state.generator(g_rows.device))
+    scaled = g_rows.index_select(0, kept) * weights.to(g_rows.dtype).unsqueeze(1)
     source = kept if rows is None else rows.index_select(0, kept)
     return scaled.t() @ xs.index_select(0, source), kept.numel()
 
