@@ -62,6 +62,9 @@ class Controller:
         self.block_names = [name for name, _ in block_list]
         self.linear_names = [name for name, _, _ in linears]
         self.conv_names = [name for name, _ in plan.convs]
+        for site in self._installation.linear_sites:
+            # Small layers keep an exact weight gradient: SampleW costs more time than it saves.
+            site.scored = site.module.weight.numel() >= self.config.min_weight_numel
         self._params = self._measured_parameters(block_list)
         self._measured_sites = self._sites_of(self._params)
         norms = _training_batchnorms(model)
@@ -356,7 +359,7 @@ class Controller:
         self._state.act_ratios = candidate_schedule(adaptive.pooled_block_norms(pool), self._s)
         by_param = {id(p): v for p, v in zip(self._params, pooled_sgd)}
         budgets = [config.tau_w * by_param.get(id(site.module.weight), 0.0)
-                   if self._weight_sampled(site) else None for site in self._installation.linear_sites]
+                   if site.scored else None for site in self._installation.linear_sites]
         self._state.weight_ratios = adaptive.solve_weight_ratios(pool, budgets, config.min_weight_ratio)
         nu_moves = [abs(a - b) for a, b in zip(self._state.weight_ratios, previous_nu)]
         stable = abs(target - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves))
@@ -365,14 +368,9 @@ class Controller:
         self._updates += 1
         self.history.append({"step": self._steps, **self._ratio_stats(), **self._variance_stats()})
 
-    def _weight_sampled(self, site: Any) -> bool:
-        """Whether the controllers sample this linear's weight gradient: not below
-        ``config.min_weight_numel`` entries, where SampleW costs more time than it saves."""
-        return site.module.weight.numel() >= self.config.min_weight_numel
-
     def _only_large(self, ratios: list[float]) -> list[float]:
-        """nu = 1 for the linears whose weight gradient is not sampled."""
-        return [ratio if self._weight_sampled(site) else 1.0
+        """nu = 1 for the linears whose weight gradient is not sampled (``min_weight_numel``)."""
+        return [ratio if site.scored else 1.0
                 for ratio, site in zip(ratios, self._installation.linear_sites)]
 
     def _linear_sgd_variances(self, measurement: calibration.Measurement) -> list[float]:

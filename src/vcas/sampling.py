@@ -64,13 +64,19 @@ def _capped_rows(rows: torch.Tensor, budget: float) -> torch.Tensor:
 
 
 def _capped_vector(scores: torch.Tensor, budget: float) -> torch.Tensor:
-    """The solution for one vector on the CPU, where a host sync is free: the scalars are
-    Python numbers, and one count settles whether everything is kept."""
+    """The solution for one vector on the CPU, where a host sync is free: the few largest
+    scores are walked in Python (the solution caps fewer than ``budget``, and usually a handful),
+    so the whole solve is a handful of tensor ops."""
     if int(torch.count_nonzero(scores)) <= budget:
         return (scores > 0).to(scores.dtype)
-    fits, tail = _fitting_ranks(scores.unsqueeze(0), budget)
-    n_capped = int(fits.int().argmax())
-    scale = (budget - n_capped) / max(float(tail[0, n_capped]), torch.finfo(torch.float64).tiny)
+    top = torch.topk(scores, min(scores.numel(), math.ceil(budget))).values.tolist()
+    tail = float(scores.sum(dtype=torch.float64))  # the sum below the n_capped largest
+    n_capped = 0
+    for n_capped, score in enumerate(top):
+        if (budget - n_capped) * score <= tail:
+            break
+        tail -= score
+    scale = (budget - n_capped) / max(tail, torch.finfo(torch.float64).tiny)
     return (scores * scale).clamp_(max=1.0)
 
 

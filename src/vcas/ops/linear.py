@@ -42,6 +42,9 @@ class LinearSite:
         # measured weights; see vcas.ops.records), and the records of the current calibration.
         self.slices: tuple[int, torch.Tensor] | None = None
         self.sample_records: list[SampleRecord] = []
+        # Whether the controller may sample this layer's weight gradient (it leaves small ones
+        # exact): only then do calibrations record its SampleW row scores.
+        self.scored = True
 
     def record_samples(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
         """Append this pass's per-sample statistics on the slices (exact passes only)."""
@@ -93,6 +96,11 @@ class _SampledLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.site = site
         ctx.has_bias = bias is not None
+        # The input's row norms for SampleW's scores, taken while the input is still in cache
+        # (in the backward it is read cold: twice the time on a CPU).
+        state = site.state
+        sampled = state.sample_weights and state.weight_ratios[site.index] < 1.0
+        ctx.x_norms = _row_norms(x.reshape(-1, x.shape[-1])) if sampled else None
         if recorded is not None:
             return recorded
         site.state.count_forward(2.0 * _rows(x) * weight.numel())
@@ -109,7 +117,7 @@ class _SampledLinearFunction(torch.autograd.Function):
         per_row = 2.0 * weight.numel()
         flops.backward_exact = per_row * gy.shape[0] * (int(need_x) + int(need_w))
 
-        row_norms = torch.linalg.vector_norm(gy, dim=1, dtype=torch.float32)
+        row_norms = _row_norms(gy)
         finite = finite_norms(row_norms, site.state)  # a non-finite gradient passes exactly
         rows = nonzero_rows(row_norms) if finite else None
         n_nonzero = gy.shape[0] if rows is None else rows.numel()
@@ -124,7 +132,8 @@ class _SampledLinearFunction(torch.autograd.Function):
             flops.backward_done += per_row * g_rows.shape[0]
         grad_w = None
         if need_w:
-            grad_w, n_kept = _weight_grad(g_rows, xs, row_norms, rows, n_nonzero, finite, site)
+            grad_w, n_kept = _weight_grad(g_rows, xs, row_norms, rows, n_nonzero, finite, site,
+                                          ctx.x_norms)
             flops.backward_done += per_row * n_kept
         grad_b = g_rows.sum(0) if (need_b and ctx.has_bias) else None
         site.state.count_backward(flops)
@@ -144,12 +153,13 @@ def _input_grad(g_rows: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor |
 def _scores_rows(site: LinearSite) -> bool:
     """Whether the weight gradient needs the SampleW row scores (sampling, or recording them)."""
     state = site.state
-    return state.record_weight_variance or (state.sample_weights and state.weight_ratios[site.index] < 1.0)
+    return ((state.record_weight_variance and site.scored)
+            or (state.sample_weights and state.weight_ratios[site.index] < 1.0))
 
 
 def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor,
                  rows: torch.Tensor | None, n_nonzero: int, finite: bool,
-                 site: LinearSite) -> tuple[torch.Tensor, int]:
+                 site: LinearSite, x_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """dW from the non-zero rows, leverage-score sampled when the layer's ratio is below 1.
 
     Inputs are gathered once, for the rows finally used. Non-finite gradients are not sampled."""
@@ -159,13 +169,13 @@ def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor
     if n == 0 or not finite or not _scores_rows(site):
         return g_rows.t() @ _gather(xs, rows), n
     sample = state.sample_weights and ratio < 1.0
-    x_norms = torch.linalg.vector_norm(xs, dim=1, dtype=torch.float32)
+    x_norms = _row_norms(xs) if x_norms is None else x_norms
     if rows is not None:
         x_norms, row_norms = x_norms.index_select(0, rows), row_norms.index_select(0, rows)
     scores = row_norms * x_norms
     # nu is a fraction of the non-zero rows (without gathering, the zero rows are here too).
     probs = capped_proportional_probs(scores, ratio * n_nonzero)
-    if state.record_weight_variance:
+    if state.record_weight_variance and site.scored:
         site.recorded_variance.append(float(sampling_variance(probs, scores)))
         site.recorded_scores.append(scores.detach().cpu())
     if not sample:
@@ -174,6 +184,10 @@ def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor
     scaled = g_rows.index_select(0, kept) * weights.to(g_rows.dtype).unsqueeze(1)
     source = kept if rows is None else rows.index_select(0, kept)
     return scaled.t() @ xs.index_select(0, source), kept.numel()
+
+
+def _row_norms(rows: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
 
 
 def _gather(xs: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
