@@ -63,6 +63,8 @@ class CalibrationStats:
     n_blocks: int
     _sgd_variances: list[float] | None = dataclasses.field(default=None, init=False, repr=False,
                                                            compare=False)
+    _sorted_scores: dict[int, SortedScores] = dataclasses.field(default_factory=dict, init=False,
+                                                                repr=False, compare=False)
 
     @property
     def samples(self) -> int:
@@ -75,6 +77,12 @@ class CalibrationStats:
         if self._sgd_variances is None:
             self._sgd_variances = self._within_batch_variances()
         return list(self._sgd_variances)
+
+    def sorted_scores(self, site: int) -> SortedScores:
+        """The SampleW row scores of one linear, a row per pass, sorted once."""
+        if site not in self._sorted_scores:
+            self._sorted_scores[site] = SortedScores(list(self.row_scores[site]))
+        return self._sorted_scores[site]
 
     def _within_batch_variances(self) -> list[float]:
         variances = []
@@ -290,15 +298,20 @@ def solve_share(pool: Pool, above: Sequence[int | None], budget: float,
 
 def weight_variance(scores: Sequence[tuple[float, torch.Tensor]], ratio: float) -> float:
     """Weighted sum over recorded passes of the analytic SampleW variance at keep ratio ``ratio``."""
-    return _WeightedScores(scores).variance(ratio)
+    return _WeightedScores.of_tensors(scores).variance(ratio)
 
 
 class _WeightedScores:
-    """Pooled row scores of one linear, sorted once for the bisection."""
+    """Pooled row scores of one linear, each pass sorted once, with its pool weight."""
 
-    def __init__(self, scores: Sequence[tuple[float, torch.Tensor]]) -> None:
-        self.sorted = SortedScores([row_scores for _, row_scores in scores])
-        self.weights = torch.tensor([weight for weight, _ in scores], dtype=torch.float64)
+    def __init__(self, parts: Sequence[tuple[float, SortedScores]]) -> None:
+        self.sorted = SortedScores.stack([part for _, part in parts])
+        self.weights = torch.tensor([weight for weight, part in parts for _ in range(len(part.positive))],
+                                    dtype=torch.float64)
+
+    @classmethod
+    def of_tensors(cls, scores: Sequence[tuple[float, torch.Tensor]]) -> "_WeightedScores":
+        return cls([(weight, SortedScores([row_scores])) for weight, row_scores in scores])
 
     def variance(self, ratio: float) -> float:
         return float((self.weights * self.sorted.variances(ratio)).sum())
@@ -307,7 +320,10 @@ class _WeightedScores:
 def solve_weight_ratio(scores: Sequence[tuple[float, torch.Tensor]], budget: float, floor: float,
                        iterations: int = 10) -> float:
     """The smallest nu in [floor, 1] with V_w(nu) <= budget (V_w grows as nu falls)."""
-    pooled = _WeightedScores(scores)
+    return _solve_nu(_WeightedScores.of_tensors(scores), budget, floor, iterations)
+
+
+def _solve_nu(pooled: _WeightedScores, budget: float, floor: float, iterations: int = 10) -> float:
     if pooled.variance(floor) <= budget:
         return floor
     low, high = floor, 1.0
@@ -322,10 +338,11 @@ def solve_weight_ratio(scores: Sequence[tuple[float, torch.Tensor]], budget: flo
 
 def solve_weight_ratios(pool: Pool, budgets: Sequence[float | None], floor: float) -> list[float]:
     """Each sampled linear's nu against its budget, on the pooled row scores (1 where the
-    budget is ``None``: a layer whose weight gradient is not sampled)."""
+    budget is ``None``: a layer whose weight gradient is not sampled). Each calibration's
+    scores are sorted once, on first use, and pooled by every later update."""
     return [1.0 if budget is None else
-            solve_weight_ratio([(w, sc) for w, stats in pool for sc in stats.row_scores[site]],
-                               budget, floor)
+            _solve_nu(_WeightedScores([(w, stats.sorted_scores(site)) for w, stats in pool]),
+                      budget, floor)
             for site, budget in enumerate(budgets)]
 
 
@@ -334,8 +351,8 @@ def summary(stats: CalibrationStats, above: Sequence[int | None], act_ratios: Se
     """This calibration's variances at the new ratios, in the form ``Controller.stats`` reports."""
     return Measurement(
         stats.sgd_variances(), act_variances(stats, above, act_ratios),
-        [weight_variance([(1.0, sc) for sc in scores], nu) if nu < 1.0 else 0.0
-         for scores, nu in zip(stats.row_scores, weight_ratios)],
+        [float(stats.sorted_scores(site).variances(nu).sum()) if nu < 1.0 else 0.0
+         for site, nu in enumerate(weight_ratios)],
         stats.block_norms(), stats.row_scores, list(act_ratios))
 
 

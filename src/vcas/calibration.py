@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .accounting import CALIBRATION, FlopTally
 from .ops import BlockSampler, LinearSite
+from .sampling import SortedScores
 from .state import SamplingState
 
 LossFn = Callable[[Any], torch.Tensor]
@@ -116,7 +117,6 @@ def measure(loss_fn: LossFn, batches: Sequence[Any], state: SamplingState,
     act_sq = [0.0] * len(params)
     block_norms: list[list[torch.Tensor]] = []
     for site in sites:
-        site.recorded_variance.clear()
         site.recorded_scores.clear()
     for batch in batches:
         for sampler in samplers:
@@ -129,7 +129,7 @@ def measure(loss_fn: LossFn, batches: Sequence[Any], state: SamplingState,
         block_norms.append([_last_or_none(sampler.recorded_norms) for sampler in samplers])
         for draw in range(draws):
             with sampling_mode(state, phase=CALIBRATION, sample_acts=True, sample_weights=False,
-                               record_weight_variance=True, act_ratios=trial):
+                               record_row_scores=True, act_ratios=trial):
                 sampled = _subset_grads(loss, params, subsets, retain=draw < draws - 1)
             for layer, (g_a, g_s) in enumerate(zip(sampled, exact_grads)):
                 act_sq[layer] += float((g_a - g_s).pow(2).sum())
@@ -137,8 +137,9 @@ def measure(loss_fn: LossFn, batches: Sequence[Any], state: SamplingState,
     var_sgd = [float(torch.stack([g[layer] for g in exact]).var(dim=0, unbiased=True).sum()) * scale[layer]
                for layer in range(len(params))]
     var_act = [sq / (draws * len(batches)) * scale[layer] for layer, sq in enumerate(act_sq)]
-    var_weight = [sum(site.recorded_variance) / len(site.recorded_variance)
-                  if site.recorded_variance else 0.0 for site in sites]
+    # SampleW's analytic variance at each layer's current ratio, averaged over the passes.
+    var_weight = [float(SortedScores(site.recorded_scores).variances(state.weight_ratios[site.index]).mean())
+                  if site.recorded_scores else 0.0 for site in sites]
     scores = [list(site.recorded_scores) for site in sites]
     return Measurement(var_sgd, var_act, var_weight, block_norms, scores, trial)
 
@@ -169,7 +170,7 @@ def measure_model_flops(loss_fn: LossFn, batch: Any, state: SamplingState,
     state.tally = scratch
     try:
         with sampling_mode(state, sample_acts=False, sample_weights=False, record_samples=False,
-                           record_weight_variance=False):
+                           record_row_scores=False):
             with FlopCounterMode(display=False) as forward_counter:
                 loss = scalar_loss(loss_fn, batch)
             with FlopCounterMode(display=False) as backward_counter:

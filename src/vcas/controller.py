@@ -30,7 +30,7 @@ _STATE_VERSION = 2
 # SamplingState flags of an adaptive calibration step: an exact backward that records
 # per-sample statistics (vcas.adaptive) and the SampleW row scores.
 _RECORDING = {"sample_acts": False, "sample_weights": False, "record_samples": True,
-              "record_weight_variance": True}
+              "record_row_scores": True}
 
 
 class Controller:
@@ -220,7 +220,6 @@ class Controller:
             site.sample_records.clear()
         for site in self._installation.linear_sites:
             site.recorded_scores.clear()
-            site.recorded_variance.clear()
         if self._saved_flags is None:
             self._saved_flags = {name: getattr(state, name) for name in _RECORDING}
         for name, value in _RECORDING.items():

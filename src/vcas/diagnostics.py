@@ -13,7 +13,7 @@ from .calibration import LossFn, preserved_training_state, sampling_mode, scalar
 
 
 # A check runs between training steps, possibly while a calibration step is armed: record nothing.
-_NOT_RECORDING = {"record_samples": False, "record_norms": False, "record_weight_variance": False}
+_NOT_RECORDING = {"record_samples": False, "record_norms": False, "record_row_scores": False}
 
 
 def _full_grads(loss: torch.Tensor, params: list[torch.nn.Parameter], retain: bool) -> list[torch.Tensor]:

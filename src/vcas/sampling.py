@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import bisect
 import math
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 def capped_proportional_probs(scores: torch.Tensor, budget: float) -> torch.Tensor:
@@ -124,6 +126,19 @@ class SortedScores:
         self.tail = self.ordered.flip(1).cumsum(1).flip(1)
         self.tail_squares = self.ordered.pow(2).flip(1).cumsum(1).flip(1)
         self.positive = (self.ordered > 0).sum(1)
+
+    @classmethod
+    def stack(cls, parts: Sequence["SortedScores"]) -> "SortedScores":
+        """The rows of several sorted sets in one, without sorting again (zero padding at the
+        end of a descending row changes none of its sums)."""
+        stacked = cls([])
+        width = max((part.ordered.shape[1] for part in parts), default=0)
+        for name in ("ordered", "tail", "tail_squares"):
+            setattr(stacked, name, torch.cat(
+                [F.pad(getattr(part, name), (0, width - part.ordered.shape[1])) for part in parts])
+                if parts else torch.zeros(0, 0, dtype=torch.float64))
+        stacked.positive = torch.cat([part.positive for part in parts]) if parts else stacked.positive
+        return stacked
 
     def variances(self, ratio: float) -> torch.Tensor:
         """Per row, :func:`sampling_variance` of :func:`capped_proportional_probs` at budget

@@ -17,8 +17,9 @@ class SamplingState:
         sample_acts: apply activation sampling (SampleA) at block outputs.
         sample_weights: apply weight-gradient sampling (SampleW) in linear layers.
         record_norms: blocks record their per-sample gradient norms (calibration exact pass).
-        record_weight_variance: linear layers record the analytic SampleW variance under their
-            current ratio without sampling (calibration SampleA-only passes).
+        record_row_scores: linears whose weight gradient may be sampled record their SampleW
+            row scores without sampling (calibration passes), from which the controllers get
+            the analytic SampleW variance at any ratio.
         record_samples: sampled layers with a weight subset record per-sample weight-gradient
             statistics (:mod:`vcas.ops.records`; the adaptive controller's exact passes).
         last_block: while recording samples, the block whose sampler the gradient passed last.
@@ -42,7 +43,7 @@ class SamplingState:
         self.sample_acts = True
         self.sample_weights = True
         self.record_norms = False
-        self.record_weight_variance = False
+        self.record_row_scores = False
         self.record_samples = False
         self.last_block: int | None = None
         self.pass_norms: dict[int, torch.Tensor] = {}

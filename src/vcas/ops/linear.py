@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..accounting import CALIBRATION, FlopBucket
-from ..sampling import bernoulli_keep, capped_proportional_probs, sampling_variance
+from ..sampling import bernoulli_keep, capped_proportional_probs
 from ..state import SamplingState
 from .activation import finite_norms, nonzero_rows
 from .autocast import autocast_inputs
@@ -36,7 +36,6 @@ class LinearSite:
         self.original_forward: Callable[..., torch.Tensor] = type(module).forward.__get__(module)
         # The autograd function of the sampled op; the benchmark swaps in its naive variant.
         self.function: type[torch.autograd.Function] = _SampledLinearFunction
-        self.recorded_variance: list[float] = []
         self.recorded_scores: list[torch.Tensor] = []
         # The weight slices whose per-sample gradients are recorded (set by the controller for
         # measured weights; see vcas.ops.records), and the records of the current calibration.
@@ -153,7 +152,7 @@ def _input_grad(g_rows: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor |
 def _scores_rows(site: LinearSite) -> bool:
     """Whether the weight gradient needs the SampleW row scores (sampling, or recording them)."""
     state = site.state
-    return ((state.record_weight_variance and site.scored)
+    return ((state.record_row_scores and site.scored)
             or (state.sample_weights and state.weight_ratios[site.index] < 1.0))
 
 
@@ -173,13 +172,12 @@ def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor
     if rows is not None:
         x_norms, row_norms = x_norms.index_select(0, rows), row_norms.index_select(0, rows)
     scores = row_norms * x_norms
-    # nu is a fraction of the non-zero rows (without gathering, the zero rows are here too).
-    probs = capped_proportional_probs(scores, ratio * n_nonzero)
-    if state.record_weight_variance and site.scored:
-        site.recorded_variance.append(float(sampling_variance(probs, scores)))
+    if state.record_row_scores and site.scored:
         site.recorded_scores.append(scores.detach().cpu())
     if not sample:
         return g_rows.t() @ _gather(xs, rows), n
+    # nu is a fraction of the non-zero rows (without gathering, the zero rows are here too).
+    probs = capped_proportional_probs(scores, ratio * n_nonzero)
     kept, weights = bernoulli_keep(probs, state.generator(g_rows.device))
     scaled = g_rows.index_select(0, kept) * weights.to(g_rows.dtype).unsqueeze(1)
     source = kept if rows is None else rows.index_select(0, kept)
