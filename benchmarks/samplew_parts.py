@@ -1,6 +1,6 @@
 """Median time of each part of a sampled weight gradient (SampleW) on one linear's backward.
 
-    python3 benchmarks/samplew_parts.py [rows] [ratio]
+    python3 benchmarks/samplew_parts.py [rows] [ratio] [repeats]
 
 For weights of the sizes in the mnist-vit and MiniLM blocks, prints the dense weight-gradient
 product beside each part SampleW adds (the input's row norms, which the forward takes, the
@@ -33,7 +33,7 @@ def median_us(fn, before=None, repeats: int = 200) -> float:
     return statistics.median(times) * 1e6
 
 
-def main(rows: int, ratio: float) -> None:
+def main(rows: int, ratio: float, repeats: int) -> None:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     flush = torch.zeros(8 * 1024 * 1024)  # 32 MB
@@ -52,7 +52,7 @@ def main(rows: int, ratio: float) -> None:
             "kept dW": lambda: g_kept.t() @ x_kept,
         }
         for label, before in (("warm", None), ("cold", lambda: flush.add_(1.0))):
-            times = {name: median_us(fn, before) for name, fn in parts.items()}
+            times = {name: median_us(fn, before, repeats) for name, fn in parts.items()}
             total = sum(t for name, t in times.items() if name != "dense dW")
             print(f"{fan_in:4d} x {fan_out:4d}, {rows} rows, nu {ratio}, {label}: "
                   + ", ".join(f"{name} {t:.0f}" for name, t in times.items())
@@ -60,4 +60,5 @@ def main(rows: int, ratio: float) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3200, float(sys.argv[2]) if len(sys.argv) > 2 else 0.2)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3200, float(sys.argv[2]) if len(sys.argv) > 2 else 0.2,
+         int(sys.argv[3]) if len(sys.argv) > 3 else 200)
