@@ -68,6 +68,16 @@ def test_capped_proportional_equals_the_definition_on_heavy_tails(ratio):
                                    expected.reshape(scores.shape).float(), rtol=1e-5, atol=1e-6)
 
 
+def test_stacked_sorted_scores_equal_sorting_all_rows_at_once():
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.rand(n, generator=g, dtype=torch.float64) ** 3 for n in (30, 7, 52, 1)]
+    together = SortedScores(rows)
+    stacked = SortedScores.stack([SortedScores(rows[:2]), SortedScores(rows[2:3]), SortedScores(rows[3:])])
+    for ratio in (0.05, 0.3, 0.9):
+        torch.testing.assert_close(stacked.variances(ratio), together.variances(ratio))
+    assert SortedScores.stack([]).variances(0.5).numel() == 0
+
+
 def test_sorted_scores_variance_equals_solving_and_summing():
     g = torch.Generator().manual_seed(2)
     rows = [torch.rand(n, generator=g, dtype=torch.float64) ** 4 for n in (40, 300, 1)]

@@ -132,12 +132,17 @@ class SortedScores:
         """The rows of several sorted sets in one, without sorting again (zero padding at the
         end of a descending row changes none of its sums)."""
         stacked = cls([])
-        width = max((part.ordered.shape[1] for part in parts), default=0)
-        for name in ("ordered", "tail", "tail_squares"):
-            setattr(stacked, name, torch.cat(
-                [F.pad(getattr(part, name), (0, width - part.ordered.shape[1])) for part in parts])
-                if parts else torch.zeros(0, 0, dtype=torch.float64))
-        stacked.positive = torch.cat([part.positive for part in parts]) if parts else stacked.positive
+        if not parts:
+            return stacked
+        width = max(part.ordered.shape[1] for part in parts)
+
+        def padded(name: str) -> torch.Tensor:
+            return torch.cat([F.pad(getattr(part, name), (0, width - part.ordered.shape[1]))
+                              for part in parts])
+
+        stacked.ordered, stacked.tail, stacked.tail_squares = (
+            padded("ordered"), padded("tail"), padded("tail_squares"))
+        stacked.positive = torch.cat([part.positive for part in parts])
         return stacked
 
     def variances(self, ratio: float) -> torch.Tensor:
