@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from vcas.sampling import (SortedScores, bernoulli_weights, capped_proportional_probs,
+from vcas.sampling import (SortedScores, bernoulli_keep, bernoulli_weights, capped_proportional_probs,
                            monotone_schedule, norm_share_fraction, sampling_variance)
 
 
@@ -66,6 +66,15 @@ def test_capped_proportional_equals_the_definition_on_heavy_tails(ratio):
                                  for row in scores.reshape(-1, scores.shape[-1])])
         torch.testing.assert_close(capped_proportional_probs(scores, budget),
                                    expected.reshape(scores.shape).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_bernoulli_keep_is_the_same_draw_as_bernoulli_weights():
+    probs = torch.rand(200, generator=torch.Generator().manual_seed(4)) * 0.5
+    probs[::9] = 0.0
+    dense = bernoulli_weights(probs, torch.Generator().manual_seed(8))
+    kept, weights = bernoulli_keep(probs, torch.Generator().manual_seed(8))
+    assert torch.equal(kept, torch.nonzero(dense).squeeze(1))
+    torch.testing.assert_close(weights, dense[kept])
 
 
 def test_stacked_sorted_scores_equal_sorting_all_rows_at_once():

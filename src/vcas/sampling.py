@@ -84,9 +84,7 @@ def _capped_vector(scores: torch.Tensor, budget: float) -> torch.Tensor:
 
 def bernoulli_weights(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw independent Bernoulli(p) keeps and return the unbiased weights: ``keep / p`` (0 if dropped)."""
-    uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
-    kept = uniform < probs
-    return torch.where(kept, 1.0 / probs.clamp(min=torch.finfo(probs.dtype).tiny), torch.zeros_like(probs))
+    return torch.where(_draw_keeps(probs, generator), _inverse(probs), torch.zeros_like(probs))
 
 
 def bernoulli_keep(probs: torch.Tensor, generator: torch.Generator | None = None
@@ -94,9 +92,17 @@ def bernoulli_keep(probs: torch.Tensor, generator: torch.Generator | None = None
     """The same draw as :func:`bernoulli_weights` for a vector of probabilities, returned as the
     kept indices and their weights ``1/p``: an op that gathers the kept rows needs no dense
     weight vector."""
+    kept = torch.nonzero(_draw_keeps(probs, generator)).squeeze(1)
+    return kept, _inverse(probs.index_select(0, kept))
+
+
+def _draw_keeps(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
-    kept = torch.nonzero(uniform < probs).squeeze(1)
-    return kept, probs.index_select(0, kept).clamp_(min=torch.finfo(probs.dtype).tiny).reciprocal_()
+    return uniform < probs
+
+
+def _inverse(probs: torch.Tensor) -> torch.Tensor:
+    return 1.0 / probs.clamp(min=torch.finfo(probs.dtype).tiny)
 
 
 def sampling_variance(probs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

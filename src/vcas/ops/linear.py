@@ -97,8 +97,7 @@ class _SampledLinearFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         # The input's row norms for SampleW's scores, taken while the input is still in cache
         # (in the backward it is read cold: twice the time on a CPU).
-        state = site.state
-        sampled = state.sample_weights and state.weight_ratios[site.index] < 1.0
+        sampled = ctx.needs_input_grad[1] and _samples_weight(site)
         ctx.x_norms = _row_norms(x.reshape(-1, x.shape[-1])) if sampled else None
         if recorded is not None:
             return recorded
@@ -149,11 +148,14 @@ def _input_grad(g_rows: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor |
     return grad.index_copy_(0, rows, g_rows @ weight)
 
 
+def _samples_weight(site: LinearSite) -> bool:
+    """Whether this pass samples the layer's weight gradient."""
+    return site.state.sample_weights and site.state.weight_ratios[site.index] < 1.0
+
+
 def _scores_rows(site: LinearSite) -> bool:
     """Whether the weight gradient needs the SampleW row scores (sampling, or recording them)."""
-    state = site.state
-    return ((state.record_row_scores and site.scored)
-            or (state.sample_weights and state.weight_ratios[site.index] < 1.0))
+    return (site.state.record_row_scores and site.scored) or _samples_weight(site)
 
 
 def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor,
@@ -167,7 +169,7 @@ def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor
     ratio = state.weight_ratios[site.index]
     if n == 0 or not finite or not _scores_rows(site):
         return g_rows.t() @ _gather(xs, rows), n
-    sample = state.sample_weights and ratio < 1.0
+    sample = _samples_weight(site)
     x_norms = _row_norms(xs) if x_norms is None else x_norms
     if rows is not None:
         x_norms, row_norms = x_norms.index_select(0, rows), row_norms.index_select(0, rows)
