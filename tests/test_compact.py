@@ -74,6 +74,24 @@ def test_hf_bert_with_dropout_and_attention_mask():
     assert all(b.verified for b in ctl._installation.compact_blocks)
 
 
+def test_a_block_seen_drawing_no_random_numbers_runs_without_the_mode_until_it_draws_some():
+    torch.manual_seed(0)
+    model = TinyTransformer(depth=3, dropout=0.0).train()
+    tokens, labels = token_batch(n=8, t=6)
+    (full, _), (compact, ctl) = _pair(model)
+    loss_of = lambda m: F.cross_entropy(m(tokens), labels)
+    for _ in range(2):
+        _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
+    blocks = ctl._installation.compact_blocks
+    assert all(b.verified and not b.intercept for b in blocks)
+    for m in list(full.modules()) + list(compact.modules()):
+        if isinstance(m, nn.Dropout):
+            m.p = 0.3  # from now on the blocks draw dropout masks the re-run must replay
+    for _ in range(2):
+        _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
+    assert all(b.verified and b.intercept for b in blocks)
+
+
 def test_compact_recompute_is_unbiased():
     torch.manual_seed(0)
     model = TinyTransformer(depth=3)

@@ -106,3 +106,30 @@ def test_state_dict_for_another_model_is_rejected():
         assert "block_names" in str(error)
     else:
         raise AssertionError("a mismatched state_dict was accepted")
+
+
+def test_a_non_finite_gradient_at_a_weight_sampled_linear_is_counted_and_passes_exactly():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 4))
+    reference = copy.deepcopy(model)
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0, min_weight_numel=0), blocks=["0"])
+    ctl.set_ratios(act=1.0, weight=0.5)
+    x, scale = torch.randn(5, 6), torch.tensor([1.0, float("inf"), 1.0, 1.0])
+    for m in (model, reference):
+        (m(x) * scale).sum().backward()
+    assert ctl.stats()["nonfinite_gradients"] >= 1
+    for got, expected in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got.grad, expected.grad, equal_nan=True)
+
+
+def test_linears_reading_the_same_input_share_its_row_norms_until_it_changes():
+    from vcas.state import SamplingState
+    state = SamplingState(n_blocks=0, n_linears=0, seed=0)
+    x = torch.randn(3, 4, 5)
+    first = state.input_row_norms(x)
+    assert state.input_row_norms(x) is first
+    torch.testing.assert_close(first, torch.linalg.vector_norm(x.reshape(-1, 5), dim=1))
+    x.mul_(2.0)  # an in-place change bumps the version: recomputed
+    torch.testing.assert_close(state.input_row_norms(x), 2 * first)
+    state.forget_inputs()
+    assert state._input_norms is None

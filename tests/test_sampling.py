@@ -123,3 +123,16 @@ def test_norm_share_fraction_and_monotone_schedule():
     assert norm_share_fraction(torch.tensor([1.0, 2.0]), 0.0) == 0.5  # at least one kept
     assert norm_share_fraction(torch.zeros(4), 0.9) == 0.25
     assert monotone_schedule([0.5, 0.25, 0.75, 0.5]) == [0.5, 0.5, 0.75, 0.75]
+
+
+def test_finite_capped_vector_is_the_solution_or_none_for_non_finite_scores():
+    from vcas.sampling import finite_capped_vector
+    generator = torch.Generator().manual_seed(3)
+    for n, budget in [(50, 5.0), (50, 12.5), (7, 7.0), (7, 3.0)]:
+        scores = torch.rand(n, generator=generator) ** 4
+        scores[::5] = 0.0
+        torch.testing.assert_close(finite_capped_vector(scores, budget), capped_proportional_probs(scores, budget))
+    # Exactly as many positive scores as the budget: all kept, the zeros never (no 0 * inf).
+    assert finite_capped_vector(torch.tensor([3.0, 1e-30, 2.0, 0.0]), 3.0).tolist() == [1.0, 1.0, 1.0, 0.0]
+    for bad in (float("nan"), float("inf")):
+        assert finite_capped_vector(torch.tensor([1.0, bad, 2.0]), 1.5) is None

@@ -52,6 +52,9 @@ class Installation:
         if check_batch_first:
             self._handles += [model.register_forward_pre_hook(guard.enter, with_kwargs=True),
                               model.register_forward_hook(guard.exit, always_call=True)]
+        # The shared input norms of the linears hold their last input only within a forward.
+        self._handles.append(model.register_forward_hook(
+            lambda module, args, output: state.forget_inputs(), always_call=True))
         for sampler, (name, module) in zip(self.block_samplers, plan.blocks):
             if check_batch_first:
                 self._handles.append(module.register_forward_hook(guard.checker(name)))

@@ -69,17 +69,30 @@ def _capped_vector(scores: torch.Tensor, budget: float) -> torch.Tensor:
     """The solution for one vector on the CPU, where a host sync is free: the few largest
     scores are walked in Python (the solution caps fewer than ``budget``, and usually a handful),
     so the whole solve is a handful of tensor ops."""
-    if int(torch.count_nonzero(scores)) <= budget:
-        return (scores > 0).to(scores.dtype)
-    top = torch.topk(scores, min(scores.numel(), math.ceil(budget))).values.tolist()
+    probs = finite_capped_vector(scores, budget)
+    if probs is None:
+        raise ValueError("capped_proportional_probs: the scores must be finite")
+    return probs
+
+
+def finite_capped_vector(scores: torch.Tensor, budget: float) -> torch.Tensor | None:
+    """:func:`capped_proportional_probs` of a float 1-D CPU vector with ``budget > 0``, or
+    ``None`` if a score is not finite: the solve sums the scores anyway, so SampleW learns
+    whether its gradient is finite without a check of its own."""
     tail = float(scores.sum(dtype=torch.float64))  # the sum below the n_capped largest
+    if not math.isfinite(tail):
+        return None
+    top = torch.topk(scores, min(scores.numel(), math.ceil(budget))).values.tolist()
+    if not top or top[-1] <= 0:  # at most budget positive scores: keep them all
+        return (scores > 0).to(scores.dtype)
     n_capped = 0
     for n_capped, score in enumerate(top):
         if (budget - n_capped) * score <= tail:
             break
         tail -= score
     scale = (budget - n_capped) / max(tail, torch.finfo(torch.float64).tiny)
-    return (scores * scale).clamp_(max=1.0)
+    # Bounded, or a rounded-away tail would overflow the scores' dtype and turn 0 * inf into NaN.
+    return (scores * min(scale, torch.finfo(scores.dtype).max)).clamp_(max=1.0)
 
 
 def bernoulli_weights(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

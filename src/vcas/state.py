@@ -59,6 +59,22 @@ class SamplingState:
         self.seed = seed
         self.rank = rank
         self._generators: dict[str, torch.Generator] = {}
+        # The last input whose row norms a sampled linear took, with its version and the norms.
+        self._input_norms: tuple[torch.Tensor, int, torch.Tensor] | None = None
+
+    def input_row_norms(self, x: torch.Tensor) -> torch.Tensor:
+        """Row norms of a linear input (its last dimension), float32. Linears that read the same
+        input (attention's query, key and value projections) share one computation."""
+        cached = self._input_norms
+        if cached is not None and cached[0] is x and cached[1] == x._version:
+            return cached[2]
+        norms = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]), dim=1, dtype=torch.float32)
+        self._input_norms = (x, x._version, norms)
+        return norms
+
+    def forget_inputs(self) -> None:
+        """Drop the reference to the last input (kept only between the linears of one forward)."""
+        self._input_norms = None
 
     def count_forward(self, flops: float) -> None:
         bucket = self.tally.bucket(self.phase)

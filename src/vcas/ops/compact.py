@@ -15,8 +15,9 @@ The re-run forward is extra work (counted as backward FLOPs); it pays where the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,11 @@ class ForwardReplay(TorchFunctionMode):
     Replaying the outputs of the sampled layers (gathered for the kept samples) spares the
     re-run its matrix products and convolutions: only the cheap element-wise ops run again, and
     the layers' backward still gets the re-run inputs it needs for the weight gradient.
+
+    The sampled layers find the replay in ``state.replay``; only dropout and random ops need the
+    torch-function mode, whose Python call on every op of the block costs time. So a block seen
+    to draw no random numbers runs without it (``active(intercept=False)``), and the global
+    generators tell whether it drew some after all (:class:`_RngState`).
     """
 
     def __init__(self, state: SamplingState) -> None:
@@ -76,6 +82,19 @@ class ForwardReplay(TorchFunctionMode):
     def __exit__(self, *exc: Any) -> None:
         self.state.replay = None
         super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def active(self, intercept: bool) -> Iterator["ForwardReplay"]:
+        """The replay, reachable by the sampled layers; with the mode only if ``intercept``."""
+        if intercept:
+            with self:
+                yield self
+            return
+        self.state.replay = self
+        try:
+            yield self
+        finally:
+            self.state.replay = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -141,6 +160,12 @@ class _RngState:
         for device, state in self.cuda.items():
             torch.cuda.set_rng_state(state, device)
 
+    def advanced(self) -> bool:
+        """Whether a generator has drawn numbers since."""
+        return (not torch.equal(torch.get_rng_state(), self.cpu)
+                or any(not torch.equal(torch.cuda.get_rng_state(d), state)
+                       for d, state in self.cuda.items()))
+
 
 class CompactBlock:
     """A block's ``forward`` that recomputes compactly when its keep ratio is low."""
@@ -153,6 +178,9 @@ class CompactBlock:
         self.original_forward: Callable[..., Any] = type(module).forward.__get__(module)
         # None until the first compact forward has been checked against the full one.
         self.verified: bool | None = None
+        # Whether the forward must run under the torch-function mode: until it is seen to draw
+        # no random numbers, and again once it has drawn some.
+        self.intercept = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self._wanted():
@@ -160,10 +188,8 @@ class CompactBlock:
         flat, spec = tree_flatten((args, kwargs))
         if not all(isinstance(leaf, _SAFE_LEAVES) for leaf in flat):
             return self._refuse("its inputs hold objects other than tensors and numbers", args, kwargs)
-        replay = ForwardReplay(self.state)
         rng = _RngState(flat)
-        with torch.no_grad(), replay:
-            output = self.original_forward(*args, **kwargs)
+        replay, output = self._recorded_forward(args, kwargs, rng)
         hidden = find_hidden_state(output)
         reason = self._ineligible(output, hidden, flat, replay)
         if reason is None and self.verified is None:
@@ -173,7 +199,20 @@ class CompactBlock:
             rng.restore()
             return self._refuse(reason, args, kwargs)
         self.verified = True
+        self.intercept = bool(replay.masks)
         return self._attach_backward(output, hidden, flat, spec, replay)
+
+    def _recorded_forward(self, args: tuple, kwargs: dict, rng: _RngState) -> tuple[ForwardReplay, Any]:
+        """The graph-free forward, recorded; run again under the mode if it drew random numbers
+        unseen (the same numbers: the generators are restored first)."""
+        replay = ForwardReplay(self.state)
+        with torch.no_grad(), replay.active(self.intercept):
+            output = self.original_forward(*args, **kwargs)
+        if self.intercept or not rng.advanced():
+            return replay, output
+        rng.restore()
+        self.intercept = True
+        return self._recorded_forward(args, kwargs, rng)
 
     def _wanted(self) -> bool:
         state = self.state
@@ -225,7 +264,7 @@ class CompactBlock:
                replay: ForwardReplay) -> torch.Tensor | None:
         leaves = [_select(leaf, kept, batch) for leaf in flat]
         args, kwargs = tree_unflatten(leaves, spec)
-        with replay.replaying(kept, batch):
+        with replay.replaying(kept, batch).active(bool(replay.masks)):
             output = self.original_forward(*args, **kwargs)
         return find_hidden_state(output)
 
@@ -315,7 +354,7 @@ def _rerun_backward(context: _RerunContext, inputs: tuple, input_needs: tuple, p
         with torch.enable_grad(), torch.autocast(grad_kept.device.type, dtype=context.autocast_dtype,
                                                  enabled=context.autocast):
             args, kwargs = tree_unflatten(compact, context.spec)
-            with context.replay.replaying(kept, batch):
+            with context.replay.replaying(kept, batch).active(bool(context.replay.masks)):
                 hidden = find_hidden_state(context.block.original_forward(*args, **kwargs))
             targets = [compact[i] for i in wanted] + [p for p, need in zip(params, param_needs) if need]
             grads = torch.autograd.grad(hidden, targets, grad_kept.to(hidden.dtype), allow_unused=True)

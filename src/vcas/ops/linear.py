@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ..accounting import CALIBRATION, FlopBucket
-from ..sampling import bernoulli_keep, capped_proportional_probs
+from ..sampling import bernoulli_keep, capped_proportional_probs, finite_capped_vector
 from ..state import SamplingState
-from .activation import finite_norms, nonzero_rows
+from .activation import nonzero_rows
 from .autocast import autocast_inputs
 from .records import SampleRecord, linear_contributions, summarize
 
@@ -98,7 +98,7 @@ class _SampledLinearFunction(torch.autograd.Function):
         # The input's row norms for SampleW's scores, taken while the input is still in cache
         # (in the backward it is read cold: twice the time on a CPU).
         sampled = ctx.needs_input_grad[1] and _samples_weight(site)
-        ctx.x_norms = _row_norms(x.reshape(-1, x.shape[-1])) if sampled else None
+        ctx.x_norms = site.state.input_row_norms(x) if sampled else None
         if recorded is not None:
             return recorded
         site.state.count_forward(2.0 * _rows(x) * weight.numel())
@@ -116,8 +116,8 @@ class _SampledLinearFunction(torch.autograd.Function):
         flops.backward_exact = per_row * gy.shape[0] * (int(need_x) + int(need_w))
 
         row_norms = _row_norms(gy)
-        finite = finite_norms(row_norms, site.state)  # a non-finite gradient passes exactly
-        rows = nonzero_rows(row_norms) if finite else None
+        # Rows with a non-finite norm count as non-zero, so they pass exactly.
+        rows = nonzero_rows(row_norms)
         n_nonzero = gy.shape[0] if rows is None else rows.numel()
         if n_nonzero > site.state.gather_below * gy.shape[0]:
             rows = None  # nearly every row is non-zero: the dense products cost less than gathering
@@ -130,8 +130,7 @@ class _SampledLinearFunction(torch.autograd.Function):
             flops.backward_done += per_row * g_rows.shape[0]
         grad_w = None
         if need_w:
-            grad_w, n_kept = _weight_grad(g_rows, xs, row_norms, rows, n_nonzero, finite, site,
-                                          ctx.x_norms)
+            grad_w, n_kept = _weight_grad(g_rows, xs, row_norms, rows, n_nonzero, site, ctx.x_norms)
             flops.backward_done += per_row * n_kept
         grad_b = g_rows.sum(0) if (need_b and ctx.has_bias) else None
         site.state.count_backward(flops)
@@ -159,31 +158,44 @@ def _scores_rows(site: LinearSite) -> bool:
 
 
 def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor,
-                 rows: torch.Tensor | None, n_nonzero: int, finite: bool,
-                 site: LinearSite, x_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                 rows: torch.Tensor | None, n_nonzero: int, site: LinearSite,
+                 x_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """dW from the non-zero rows, leverage-score sampled when the layer's ratio is below 1.
 
-    Inputs are gathered once, for the rows finally used. Non-finite gradients are not sampled."""
+    Inputs are gathered once, for the rows finally used. A non-finite gradient is neither
+    sampled nor recorded (sampling would only hide it); it is counted in the state."""
     state = site.state
     n = g_rows.shape[0]
-    ratio = state.weight_ratios[site.index]
-    if n == 0 or not finite or not _scores_rows(site):
+    if n == 0 or not _scores_rows(site):
         return g_rows.t() @ _gather(xs, rows), n
-    sample = _samples_weight(site)
     x_norms = _row_norms(xs) if x_norms is None else x_norms
     if rows is not None:
         x_norms, row_norms = x_norms.index_select(0, rows), row_norms.index_select(0, rows)
     scores = row_norms * x_norms
-    if state.record_row_scores and site.scored:
-        site.recorded_scores.append(scores.detach().cpu())
-    if not sample:
-        return g_rows.t() @ _gather(xs, rows), n
     # nu is a fraction of the non-zero rows (without gathering, the zero rows are here too).
-    probs = capped_proportional_probs(scores, ratio * n_nonzero)
+    probs = _keep_probs(scores, state.weight_ratios[site.index] * n_nonzero) if _samples_weight(site) else None
+    finite = probs is not None or not _samples_weight(site)
+    if finite and state.record_row_scores and site.scored:
+        finite = probs is not None or bool(torch.isfinite(scores).all())
+        if finite:
+            site.recorded_scores.append(scores.detach().cpu())
+    if not finite:
+        state.nonfinite_gradients += 1
+    if probs is None:
+        return g_rows.t() @ _gather(xs, rows), n
     kept, weights = bernoulli_keep(probs, state.generator(g_rows.device))
     scaled = g_rows.index_select(0, kept) * weights.to(g_rows.dtype).unsqueeze(1)
     source = kept if rows is None else rows.index_select(0, kept)
     return scaled.t() @ xs.index_select(0, source), kept.numel()
+
+
+def _keep_probs(scores: torch.Tensor, budget: float) -> torch.Tensor | None:
+    """SampleW's keep probabilities, or ``None`` if a score is not finite."""
+    if scores.device.type == "cpu":
+        return finite_capped_vector(scores, budget)  # its solve checks the scores on the way
+    if not bool(torch.isfinite(scores).all()):
+        return None
+    return capped_proportional_probs(scores, budget)
 
 
 def _row_norms(rows: torch.Tensor) -> torch.Tensor:
