@@ -154,16 +154,21 @@ def passes_second_moments(passes: Sequence[dict[int, torch.Tensor]], above: Sequ
     """:func:`second_moments` of every pass with the fixed generator (common random numbers:
     each pass gets the draws a fresh generator gives), simulated together where passes have
     the same blocks and sizes: the bisection evaluates every pooled pass a dozen times."""
-    groups: dict[tuple[tuple[int, int], ...], list[int]] = {}
-    for index, norms in enumerate(passes):
-        signature = tuple(sorted((block, n.numel()) for block, n in norms.items()))
-        groups.setdefault(signature, []).append(index)
     moments: list[dict[int, torch.Tensor]] = [{} for _ in passes]
-    for indices in groups.values():
+    for indices in _same_signature(passes):
         group = _simulate([passes[i] for i in indices], above, ratios, _fixed_generator())
         for index, result in zip(indices, group):
             moments[index] = result
     return moments
+
+
+def _same_signature(passes: Sequence[dict[int, torch.Tensor]]) -> list[list[int]]:
+    """Indices of the passes grouped by their blocks and sizes (simulated in one tensor)."""
+    groups: dict[tuple[tuple[int, int], ...], list[int]] = {}
+    for index, norms in enumerate(passes):
+        signature = tuple(sorted((block, n.numel()) for block, n in norms.items()))
+        groups.setdefault(signature, []).append(index)
+    return list(groups.values())
 
 
 def _simulate(passes: Sequence[dict[int, torch.Tensor]], above: Sequence[int | None],
@@ -171,8 +176,18 @@ def _simulate(passes: Sequence[dict[int, torch.Tensor]], above: Sequence[int | N
               draws: int = SIMULATION_DRAWS) -> list[dict[int, torch.Tensor]]:
     """:func:`second_moments` of passes with the same blocks and sizes, stacked along a first
     dimension; every pass sees the same uniform draws (one ``(draws, n)`` tensor per block)."""
-    stacked = {block: torch.stack([p[block].double().flatten() for p in passes]).unsqueeze(1)
-               for block in passes[0]}  # (passes, 1, n)
+    stacked = {block: torch.stack([p[block].double().flatten() for p in passes])
+               for block in passes[0]}
+    moments = _stacked_moments(stacked, above, ratios, generator, draws)
+    return [{block: m[index] for block, m in moments.items()} for index in range(len(passes))]
+
+
+def _stacked_moments(stacked: dict[int, torch.Tensor], above: Sequence[int | None],
+                     ratios: Sequence[float], generator: torch.Generator,
+                     draws: int = SIMULATION_DRAWS) -> dict[int, torch.Tensor]:
+    """Per block, ``E[w_i^2]`` of the stacked passes' samples, ``(passes, n)``; blocks that do
+    not sample are left out."""
+    stacked = {block: norms.unsqueeze(1) for block, norms in stacked.items()}  # (passes, 1, n)
     memo: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     def visit(block: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -195,13 +210,8 @@ def _simulate(passes: Sequence[dict[int, torch.Tensor]], above: Sequence[int | N
         memo[block] = (weights, moments)
         return memo[block]
 
-    results: list[dict[int, torch.Tensor]] = [{} for _ in passes]
-    for block in stacked:
-        _, moments = visit(block)
-        if moments is not None:
-            for index, result in enumerate(results):
-                result[block] = moments[index]
-    return results
+    return {block: moments for block in stacked
+            for _, moments in [visit(block)] if moments is not None}
 
 
 def act_variances(stats: CalibrationStats, above: Sequence[int | None],
@@ -256,21 +266,38 @@ def pooled_act_variance(pool: Pool, above: Sequence[int | None], ratios: Sequenc
 
 
 class _PooledExcess:
-    """The pool's per-pass, per-block aggregated contributions, gathered once per solve."""
+    """The pool's per-pass, per-block aggregated contributions, gathered once per solve and
+    stacked (pool weight folded in) per group of passes with the same blocks and sizes, so an
+    evaluation is a few tensor ops per group and block."""
 
     def __init__(self, pool: Pool) -> None:
-        self.passes = [(weight, norms, sums) for weight, stats in pool
-                       for norms, sums in stats.excess_weights()]
+        passes = [(weight, norms, sums) for weight, stats in pool
+                  for norms, sums in stats.excess_weights()]
+        self.groups = []
+        for indices in _same_signature([norms for _, norms, _ in passes]):
+            group = [passes[i] for i in indices]
+            norms = {block: torch.stack([n[block].double().flatten() for _, n, _ in group])
+                     for block in group[0][1]}
+            excess = {block: torch.stack([_weighted_excess(weight, sums.get(block), stacked.shape[1])
+                                          for weight, _, sums in group])
+                      for block, stacked in norms.items()}
+            self.groups.append((norms, excess))
 
     def variance(self, above: Sequence[int | None], ratios: Sequence[float]) -> float:
         total = 0.0
-        all_moments = passes_second_moments([norms for _, norms, _ in self.passes], above, ratios)
-        for (weight, _, sums), moments in zip(self.passes, all_moments):
-            for block, excess in sums.items():
-                moment = moments.get(block)
-                if moment is not None and moment.numel() == excess.numel():
-                    total += weight * float((_added_variance_factor(moment) * excess).sum())
+        for norms, excess in self.groups:
+            moments = _stacked_moments(norms, above, ratios, _fixed_generator())
+            for block, moment in moments.items():
+                total += float((_added_variance_factor(moment) * excess[block]).sum())
         return total
+
+
+def _weighted_excess(weight: float, excess: torch.Tensor | None, n: int) -> torch.Tensor:
+    """A pass's excess at one block times its pool weight; zeros where it has none (or one of
+    another size), which adds nothing."""
+    if excess is None or excess.numel() != n:
+        return torch.zeros(n, dtype=torch.float64)
+    return weight * excess.double().flatten()
 
 
 def solve_share(pool: Pool, above: Sequence[int | None], budget: float,
@@ -298,52 +325,66 @@ def solve_share(pool: Pool, above: Sequence[int | None], budget: float,
 
 def weight_variance(scores: Sequence[tuple[float, torch.Tensor]], ratio: float) -> float:
     """Weighted sum over recorded passes of the analytic SampleW variance at keep ratio ``ratio``."""
-    return _WeightedScores.of_tensors(scores).variance(ratio)
+    return float(_WeightedScores.of_tensors(scores).variances(torch.tensor([ratio]))[0])
 
 
 class _WeightedScores:
-    """Pooled row scores of one linear, each pass sorted once, with its pool weight."""
+    """The pooled row scores of several linears: each pass sorted once, stacked, each row with
+    its pool weight and its linear, so one evaluation gives every linear's pooled V_w."""
 
-    def __init__(self, parts: Sequence[tuple[float, SortedScores]]) -> None:
-        self.sorted = SortedScores.stack([part for _, part in parts])
-        self.weights = torch.tensor([weight for weight, part in parts for _ in range(len(part.positive))],
+    def __init__(self, layers: Sequence[Sequence[tuple[float, SortedScores]]]) -> None:
+        rows = [(layer, weight, part) for layer, parts in enumerate(layers) for weight, part in parts]
+        self.sorted = SortedScores.stack([part for _, _, part in rows])
+        counts = [len(part.positive) for _, _, part in rows]
+        self.weights = torch.tensor([w for (_, w, _), n in zip(rows, counts) for _ in range(n)],
                                     dtype=torch.float64)
+        self.layer = torch.tensor([i for (i, _, _), n in zip(rows, counts) for _ in range(n)],
+                                  dtype=torch.long)
+        self.n_layers = len(layers)
 
     @classmethod
     def of_tensors(cls, scores: Sequence[tuple[float, torch.Tensor]]) -> "_WeightedScores":
-        return cls([(weight, SortedScores([row_scores])) for weight, row_scores in scores])
+        return cls([[(weight, SortedScores([row_scores])) for weight, row_scores in scores]])
 
-    def variance(self, ratio: float) -> float:
-        return float((self.weights * self.sorted.variances(ratio)).sum())
+    def variances(self, ratios: torch.Tensor) -> torch.Tensor:
+        """Per linear, the pooled V_w at its keep ratio (``ratios``: one per linear)."""
+        per_row = self.weights * self.sorted.variances(ratios.double()[self.layer])
+        return torch.zeros(self.n_layers, dtype=torch.float64).index_add_(0, self.layer, per_row)
 
 
 def solve_weight_ratio(scores: Sequence[tuple[float, torch.Tensor]], budget: float, floor: float,
                        iterations: int = 10) -> float:
     """The smallest nu in [floor, 1] with V_w(nu) <= budget (V_w grows as nu falls)."""
-    return _solve_nu(_WeightedScores.of_tensors(scores), budget, floor, iterations)
+    pooled = _WeightedScores.of_tensors(scores)
+    return float(_solve_nus(pooled, torch.tensor([budget], dtype=torch.float64), floor, iterations)[0])
 
 
-def _solve_nu(pooled: _WeightedScores, budget: float, floor: float, iterations: int = 10) -> float:
-    if pooled.variance(floor) <= budget:
-        return floor
-    low, high = floor, 1.0
+def _solve_nus(pooled: _WeightedScores, budgets: torch.Tensor, floor: float,
+               iterations: int = 10) -> torch.Tensor:
+    """Every linear's bisection at once (the same steps as one bisection per linear)."""
+    low = torch.full_like(budgets, floor)
+    high = torch.ones_like(budgets)
+    at_floor = pooled.variances(low) <= budgets
     for _ in range(iterations):
         middle = (low + high) / 2
-        if pooled.variance(middle) <= budget:
-            high = middle
-        else:
-            low = middle
-    return high
+        within = pooled.variances(middle) <= budgets
+        high, low = torch.where(within, middle, high), torch.where(within, low, middle)
+    return torch.where(at_floor, torch.full_like(high, floor), high)
 
 
 def solve_weight_ratios(pool: Pool, budgets: Sequence[float | None], floor: float) -> list[float]:
     """Each sampled linear's nu against its budget, on the pooled row scores (1 where the
     budget is ``None``: a layer whose weight gradient is not sampled). Each calibration's
     scores are sorted once, on first use, and pooled by every later update."""
-    return [1.0 if budget is None else
-            _solve_nu(_WeightedScores([(w, stats.sorted_scores(site)) for w, stats in pool]),
-                      budget, floor)
-            for site, budget in enumerate(budgets)]
+    sites = [site for site, budget in enumerate(budgets) if budget is not None]
+    ratios = [1.0] * len(budgets)
+    if not sites:
+        return ratios
+    pooled = _WeightedScores([[(w, stats.sorted_scores(site)) for w, stats in pool] for site in sites])
+    solved = _solve_nus(pooled, torch.tensor([budgets[site] for site in sites], dtype=torch.float64), floor)
+    for site, nu in zip(sites, solved.tolist()):
+        ratios[site] = nu
+    return ratios
 
 
 def summary(stats: CalibrationStats, above: Sequence[int | None], act_ratios: Sequence[float],

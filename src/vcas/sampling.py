@@ -173,10 +173,13 @@ class SortedScores:
         if self.ordered.numel() == 0:
             return torch.zeros(self.ordered.shape[0], dtype=torch.float64)
         budget = (ratio * self.positive.double()).unsqueeze(1)
-        m = torch.arange(self.ordered.shape[1], dtype=torch.float64)
-        fits = (budget - m) * self.ordered <= self.tail
+        # Fewer than ``budget`` scores are capped: only the first ceil(budget) ranks can fit.
+        width = min(self.ordered.shape[1], math.ceil(float(budget.max())) + 1)
+        ordered, tails = self.ordered[:, :width], self.tail[:, :width]
+        m = torch.arange(width, dtype=torch.float64)
+        fits = (budget - m) * ordered <= tails
         n_capped = fits.int().argmax(dim=1, keepdim=True)
-        tail = self.tail.gather(1, n_capped)
+        tail = tails.gather(1, n_capped)
         free = (budget - n_capped.double()).clamp(min=torch.finfo(torch.float64).tiny)
         variance = (tail.pow(2) / free - self.tail_squares.gather(1, n_capped)).clamp(min=0.0)
         keep_all = self.positive.unsqueeze(1).double() <= budget
