@@ -12,7 +12,7 @@ import vcas
 from vcas import adaptive
 from vcas.adaptive import CalibrationStats
 from vcas.ops.records import SampleRecord
-from vcas.sampling import share_schedule
+from vcas.sampling import capped_proportional_probs, sampling_variance, share_schedule
 from models import NormBlocksOnly, TinyCNN, TinyConv1dNet, TinyTransformer, image_batch, token_batch
 
 TAU = 0.025
@@ -213,6 +213,28 @@ def test_weight_ratios_meet_their_budget_and_stay_in_range():
     assert 0.05 <= nu <= 1
     assert adaptive.weight_variance(scores, nu) <= 0.5
     assert adaptive.weight_variance(scores, nu - 0.01) > 0.5 or nu <= 0.05
+
+
+def test_all_linears_solved_at_once_match_one_bisection_per_linear():
+    g = torch.Generator().manual_seed(5)
+    pool = []
+    for age in range(3):  # per calibration, two passes of row scores for each of four linears
+        rows = [[torch.rand(40 + 8 * site, generator=g) ** (1 + site) for _ in range(2)] for site in range(4)]
+        pool.append((0.8 ** age, adaptive.CalibrationStats([], [], rows, n_blocks=0)))
+    budgets = [0.02, None, 0.5, 0.001]
+    solved = adaptive.solve_weight_ratios(pool, budgets, floor=0.05)
+    def pooled_variance(site, nu):  # written out from the definition, one row at a time
+        return sum(w * float(sampling_variance(capped_proportional_probs(row, nu * int((row > 0).sum())), row))
+                   for w, stats in pool for row in stats.row_scores[site])
+
+    assert solved[1] == 1.0
+    for site in (0, 2, 3):
+        nu = solved[site]
+        assert 0.05 <= nu <= 1 and pooled_variance(site, nu) <= budgets[site] * (1 + 1e-9)
+        # The bisection stops within 2^-10 of the smallest ratio that meets the budget.
+        assert nu == 0.05 or pooled_variance(site, nu - 2 ** -10) > budgets[site]
+        scores = [(w, row) for w, stats in pool for row in stats.row_scores[site]]
+        assert nu == pytest.approx(adaptive.solve_weight_ratio(scores, budgets[site], floor=0.05), abs=1e-12)
 
 
 def test_calibration_interval_grows_while_stable_and_state_round_trips():

@@ -82,17 +82,33 @@ def finite_capped_vector(scores: torch.Tensor, budget: float) -> torch.Tensor | 
     tail = float(scores.sum(dtype=torch.float64))  # the sum below the n_capped largest
     if not math.isfinite(tail):
         return None
-    top = torch.topk(scores, min(scores.numel(), math.ceil(budget))).values.tolist()
-    if not top or top[-1] <= 0:  # at most budget positive scores: keep them all
-        return (scores > 0).to(scores.dtype)
-    n_capped = 0
-    for n_capped, score in enumerate(top):
-        if (budget - n_capped) * score <= tail:
+    ranks = min(scores.numel(), math.ceil(budget))
+    # Usually only a handful of scores are capped: rank a few first, all ``ranks`` if needed.
+    for k in sorted({min(ranks, _FEW_RANKS), ranks}):
+        top = torch.topk(scores, k).values.tolist()
+        if not top or top[-1] <= 0:  # at most budget positive scores: keep them all
+            return (scores > 0).to(scores.dtype)
+        n_capped, rest = _walk_capped(top, budget, tail)
+        if n_capped < k - 1 or k == ranks:
             break
-        tail -= score
+    tail = rest
     scale = (budget - n_capped) / max(tail, torch.finfo(torch.float64).tiny)
     # Bounded, or a rounded-away tail would overflow the scores' dtype and turn 0 * inf into NaN.
     return (scores * min(scale, torch.finfo(scores.dtype).max)).clamp_(max=1.0)
+
+
+_FEW_RANKS = 32
+
+
+def _walk_capped(top: list[float], budget: float, tail: float) -> tuple[int, float]:
+    """The number of capped scores among the ``top`` ones (descending) and the sum below them:
+    the first rank m whose score fits, ``(budget - m) * score <= tail[m]``."""
+    n_capped = 0
+    for n_capped, score in enumerate(top):
+        if (budget - n_capped) * score <= tail:
+            return n_capped, tail
+        tail -= score
+    return n_capped, tail
 
 
 def bernoulli_weights(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
