@@ -8,7 +8,7 @@
 their time ratio by more than the effect measured. Here two copies of the task's model start
 from the same weights and, step after step, train on the same batch in turn (vcas: forward,
 backward, optimizer step and ``maybe_calibrate``, with the default ``VCASConfig`` but for the
-options given), so every drift hits both alike. Printed: each run's total time and their ratio,
+options given), so every drift hits both alike (``--vcas-first`` swaps the order within a step). Printed: each run's total time and their ratio,
 the median per-step ratio, the vcas run's whole-training FLOPs reduction (calibration included)
 and both final train losses (mean of the last 5 % of steps, as ``vcas compare`` reports).
 """
@@ -33,7 +33,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--update-every", type=int, default=None)
     parser.add_argument("--min-weight-numel", type=int, default=None)
+    parser.add_argument("--max-weight-ratio", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vcas-first", action="store_true",
+                        help="run the vcas step before the exact one (a check of order effects)")
     args = parser.parse_args()
 
     task = tasks.builtin_task(args.task, 128)
@@ -42,8 +45,9 @@ def main() -> None:
     exact = task.build_model().train()
     sampled = copy.deepcopy(exact)
     options = {"seed": args.seed, "update_every": args.update_every}
-    if args.min_weight_numel is not None:
-        options["min_weight_numel"] = args.min_weight_numel
+    for name in ("min_weight_numel", "max_weight_ratio"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     controller = vcas.attach(sampled, vcas.VCASConfig(**options))
     optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=task.lr, weight_decay=0.01)
                   for m in (exact, sampled)}
@@ -63,11 +67,12 @@ def main() -> None:
 
     controller.measure_flops(lambda b: F.cross_entropy(task.logits(sampled, b), b["labels"]),
                              next(calibration))
+    order = [("exact", exact), ("vcas", sampled)][::-1 if args.vcas_first else 1]
     times = {"exact": [], "vcas": []}
     losses = {"exact": [], "vcas": []}
     for _ in range(steps):
         batch = next(training)
-        for name, model in (("exact", exact), ("vcas", sampled)):
+        for name, model in order:
             seconds, loss = step(model, batch)
             times[name].append(seconds)
             losses[name].append(loss)

@@ -158,9 +158,10 @@ def _ratio_at(stats_list, s):
     return adaptive.pooled_act_variance(pool, ABOVE, ratios) / sgd
 
 
-def _controller(start_s=None):
+def _controller(start_s=None, **options):
     ctl = vcas.attach(TinyTransformer(depth=BLOCKS), vcas.VCASConfig(
-        controller="adaptive", tau_act=TAU, update_every=8, min_update_every=1, seed=0))
+        controller="adaptive", tau_act=TAU, update_every=8, min_update_every=1, seed=0,
+        min_weight_numel=0, **options))
     ctl._stop_recording()
     if start_s is not None:  # as if an earlier calibration had put s there
         ctl._s = start_s
@@ -235,6 +236,19 @@ def test_all_linears_solved_at_once_match_one_bisection_per_linear():
         assert nu == 0.05 or pooled_variance(site, nu - 2 ** -10) > budgets[site]
         scores = [(w, row) for w, stats in pool for row in stats.row_scores[site]]
         assert nu == pytest.approx(adaptive.solve_weight_ratio(scores, budgets[site], floor=0.05), abs=1e-12)
+
+
+def test_weight_ratios_above_max_weight_ratio_become_exact():
+    stats = _synthetic_stats(0)
+    solved = _controller()
+    solved._apply_stats(stats)
+    capped = _controller(max_weight_ratio=0.3)
+    capped._apply_stats(stats)
+    nus, kept = solved.stats()["weight_ratios"], capped.stats()["weight_ratios"]
+    assert any(0.3 < nu < 1 for nu in nus) and any(nu <= 0.3 for nu in nus)
+    assert kept == [nu if nu <= 0.3 else 1.0 for nu in nus]
+    with pytest.raises(vcas.ConfigError, match="max_weight_ratio"):
+        vcas.VCASConfig(min_weight_ratio=0.2, max_weight_ratio=0.1)
 
 
 def test_calibration_interval_grows_while_stable_and_state_round_trips():

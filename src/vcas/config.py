@@ -44,6 +44,11 @@ class VCASConfig:
         smoothing: adaptive only: the weight of a calibration in the pooled statistics decays by
             this factor with each newer one (0 = use each calibration alone).
         min_weight_ratio: adaptive only: the smallest weight keep ratio the solver may choose.
+        max_weight_ratio: adaptive only: a solved weight keep ratio above this becomes 1 (the
+            layer's weight gradient stays exact): near 1, SampleW's solve and gathers cost more
+            time than the few rows it skips. The default 1 samples at every solved ratio; on
+            small layers on a CPU (128-wide: SampleW paid only at nu <= 0.2 in
+            ``benchmarks/paired_steps.py``) a lower value trades a few FLOPs for time.
         recompute_below: a block whose activation keep ratio is at most this when its forward
             runs keeps only its linear outputs and dropout masks instead of all activations and,
             in the backward, re-runs its element-wise ops on the kept samples only and
@@ -74,6 +79,7 @@ class VCASConfig:
     min_update_every: int | None = None
     smoothing: float = 0.8
     min_weight_ratio: float = 0.05
+    max_weight_ratio: float = 1.0
     recompute_below: float = 0.5
     gather_below: float = 0.75
     min_weight_numel: int = 65536
@@ -100,6 +106,8 @@ class VCASConfig:
         _check(0 <= self.gather_below <= 1, "gather_below", self.gather_below, "in [0, 1]")
         _check_int(self.min_weight_numel, "min_weight_numel", 0)
         _check(0 < self.min_weight_ratio <= 1, "min_weight_ratio", self.min_weight_ratio, "in (0, 1]")
+        _check(self.min_weight_ratio <= self.max_weight_ratio <= 1, "max_weight_ratio",
+               self.max_weight_ratio, f"in [min_weight_ratio={self.min_weight_ratio}, 1]")
 
     def resolve(self, controller: str) -> "VCASConfig":
         """This config for ``controller`` (``"paper"`` or ``"adaptive"``), with the controller's

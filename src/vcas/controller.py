@@ -359,8 +359,11 @@ class Controller:
         by_param = {id(p): v for p, v in zip(self._params, pooled_sgd)}
         budgets = [config.tau_w * by_param.get(id(site.module.weight), 0.0)
                    if site.scored else None for site in self._installation.linear_sites]
-        self._state.weight_ratios = adaptive.solve_weight_ratios(pool, budgets, config.min_weight_ratio)
-        nu_moves = [abs(a - b) for a, b in zip(self._state.weight_ratios, previous_nu)]
+        solved = adaptive.solve_weight_ratios(pool, budgets, config.min_weight_ratio)
+        cap = config.max_weight_ratio
+        self._state.weight_ratios = [nu if nu <= cap else 1.0 for nu in solved]
+        # Moves between ratios above the cap change nothing that runs.
+        nu_moves = [abs(min(a, cap) - min(b, cap)) for a, b in zip(solved, previous_nu)]
         stable = abs(target - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves))
         memory.schedule_next(self._steps, stable, config.shortest_interval, config.update_every)
         self._last = adaptive.summary(stats, above, self._state.act_ratios, self._state.weight_ratios)

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-weight-numel", type=int,
                         help="VCASConfig.min_weight_numel: the smallest linear weight (entries) whose "
                              "gradient the controllers sample (default 65536; 0 samples every one)")
+    parser.add_argument("--max-weight-ratio", type=float,
+                        help="VCASConfig.max_weight_ratio: adaptive nu above this becomes 1 "
+                             "(default 1)")
     parser.add_argument("--baseline-keep", type=float, default=1 / 3, help="SB / UB keep ratio")
     parser.add_argument("--train-limit", type=int, help="use only the first N training items")
     parser.add_argument("--eval-limit", type=int, help="evaluate on the first N items only")
@@ -108,8 +111,8 @@ def settings_for(task: tasks.Task, args: argparse.Namespace, seed: int) -> RunSe
 
 def _config_options(args: argparse.Namespace) -> dict[str, Any]:
     """The VCASConfig settings given on the command line beyond tau, F and the controller."""
-    numel = getattr(args, "min_weight_numel", None)
-    return {} if numel is None else {"min_weight_numel": numel}
+    options = {name: getattr(args, name, None) for name in ("min_weight_numel", "max_weight_ratio")}
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
