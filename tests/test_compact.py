@@ -42,12 +42,16 @@ def _assert_same_grads(a, b, rtol=1e-4):
         assert float((a[name] - b[name]).abs().max()) <= rtol * scale + floor, name
 
 
-def test_same_gradients_as_the_full_sampled_backward_with_dropout():
+def _transformer_pair(dropout):
+    """A 3-block transformer in both variants of :func:`_pair`, and its loss on one batch."""
     torch.manual_seed(0)
-    model = TinyTransformer(depth=3, dropout=0.2).train()
+    model = TinyTransformer(depth=3, dropout=dropout).train()
     tokens, labels = token_batch(n=8, t=6)
-    (full, ctl_full), (compact, ctl_compact) = _pair(model)
-    loss_of = lambda m: F.cross_entropy(m(tokens), labels)
+    return _pair(model), lambda m: F.cross_entropy(m(tokens), labels)
+
+
+def test_same_gradients_as_the_full_sampled_backward_with_dropout():
+    ((full, ctl_full), (compact, ctl_compact)), loss_of = _transformer_pair(dropout=0.2)
     for _ in range(3):  # the sampler draws in the same order in both: identical gradients
         _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
     assert all(b.verified for b in ctl_compact._installation.compact_blocks)
@@ -75,11 +79,7 @@ def test_hf_bert_with_dropout_and_attention_mask():
 
 
 def test_a_block_seen_drawing_no_random_numbers_runs_without_the_mode_until_it_draws_some():
-    torch.manual_seed(0)
-    model = TinyTransformer(depth=3, dropout=0.0).train()
-    tokens, labels = token_batch(n=8, t=6)
-    (full, _), (compact, ctl) = _pair(model)
-    loss_of = lambda m: F.cross_entropy(m(tokens), labels)
+    ((full, _), (compact, ctl)), loss_of = _transformer_pair(dropout=0.0)
     for _ in range(2):
         _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
     blocks = ctl._installation.compact_blocks

@@ -185,8 +185,8 @@ def _simulate(passes: Sequence[dict[int, torch.Tensor]], above: Sequence[int | N
 def _stacked_moments(stacked: dict[int, torch.Tensor], above: Sequence[int | None],
                      ratios: Sequence[float], generator: torch.Generator,
                      draws: int = SIMULATION_DRAWS) -> dict[int, torch.Tensor]:
-    """Per block, ``E[w_i^2]`` of the stacked passes' samples, ``(passes, n)``; blocks that do
-    not sample are left out."""
+    """Per block, ``E[w_i^2]`` of the stacked passes' samples, ``(passes, n)``; blocks whose
+    gradient no sampler (their own or one above) has touched are left out."""
     stacked = {block: norms.unsqueeze(1) for block, norms in stacked.items()}  # (passes, 1, n)
     memo: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
@@ -210,8 +210,12 @@ def _stacked_moments(stacked: dict[int, torch.Tensor], above: Sequence[int | Non
         memo[block] = (weights, moments)
         return memo[block]
 
-    return {block: moments for block in stacked
-            for _, moments in [visit(block)] if moments is not None}
+    results = {}
+    for block in stacked:
+        _, moments = visit(block)
+        if moments is not None:
+            results[block] = moments
+    return results
 
 
 def act_variances(stats: CalibrationStats, above: Sequence[int | None],

@@ -57,7 +57,8 @@ class ForwardReplay(TorchFunctionMode):
     The sampled layers find the replay in ``state.replay``; only dropout and random ops need the
     torch-function mode, whose Python call on every op of the block costs time. So a block seen
     to draw no random numbers runs without it (``active(intercept=False)``), and the global
-    generators tell whether it drew some after all (:class:`_RngState`).
+    generators tell whether it drew some after all (:class:`_RngState`). Not caught: a block
+    that starts drawing from a private ``torch.Generator`` only after its first forward.
     """
 
     def __init__(self, state: SamplingState) -> None:

@@ -172,15 +172,14 @@ def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor
     if rows is not None:
         x_norms, row_norms = x_norms.index_select(0, rows), row_norms.index_select(0, rows)
     scores = row_norms * x_norms
+    sample, record = _samples_weight(site), state.record_row_scores and site.scored
     # nu is a fraction of the non-zero rows (without gathering, the zero rows are here too).
-    probs = _keep_probs(scores, state.weight_ratios[site.index] * n_nonzero) if _samples_weight(site) else None
-    finite = probs is not None or not _samples_weight(site)
-    if finite and state.record_row_scores and site.scored:
-        finite = probs is not None or bool(torch.isfinite(scores).all())
-        if finite:
-            site.recorded_scores.append(scores.detach().cpu())
+    probs = _keep_probs(scores, state.weight_ratios[site.index] * n_nonzero) if sample else None
+    finite = probs is not None if sample else (not record or bool(torch.isfinite(scores).all()))
     if not finite:
         state.nonfinite_gradients += 1
+    elif record:
+        site.recorded_scores.append(scores.detach().cpu())
     if probs is None:
         return g_rows.t() @ _gather(xs, rows), n
     kept, weights = bernoulli_keep(probs, state.generator(g_rows.device))
