@@ -176,10 +176,13 @@ def _simulate(passes: Sequence[dict[int, torch.Tensor]], above: Sequence[int | N
               draws: int = SIMULATION_DRAWS) -> list[dict[int, torch.Tensor]]:
     """:func:`second_moments` of passes with the same blocks and sizes, stacked along a first
     dimension; every pass sees the same uniform draws (one ``(draws, n)`` tensor per block)."""
-    stacked = {block: torch.stack([p[block].double().flatten() for p in passes])
-               for block in passes[0]}
-    moments = _stacked_moments(stacked, above, ratios, generator, draws)
+    moments = _stacked_moments(_stack_norms(passes), above, ratios, generator, draws)
     return [{block: m[index] for block, m in moments.items()} for index in range(len(passes))]
+
+
+def _stack_norms(passes: Sequence[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """Per block, the norms of same-signature passes as one ``(passes, n)`` float64 tensor."""
+    return {block: torch.stack([p[block].double().flatten() for p in passes]) for block in passes[0]}
 
 
 def _stacked_moments(stacked: dict[int, torch.Tensor], above: Sequence[int | None],
@@ -280,8 +283,7 @@ class _PooledExcess:
         self.groups = []
         for indices in _same_signature([norms for _, norms, _ in passes]):
             group = [passes[i] for i in indices]
-            norms = {block: torch.stack([n[block].double().flatten() for _, n, _ in group])
-                     for block in group[0][1]}
+            norms = _stack_norms([n for _, n, _ in group])
             excess = {block: torch.stack([_weighted_excess(weight, sums.get(block), stacked.shape[1])
                                           for weight, _, sums in group])
                       for block, stacked in norms.items()}

@@ -32,7 +32,10 @@ def capped_proportional_probs(scores: torch.Tensor, budget: float) -> torch.Tens
     if budget <= 0 or rows.numel() == 0:
         return torch.zeros_like(scores)
     if scores.dim() == 1 and scores.device.type == "cpu":
-        return _capped_vector(scores, budget)
+        probs = finite_capped_vector(scores, budget)
+        if probs is None:
+            raise ValueError("capped_proportional_probs: the scores must be finite")
+        return probs
     positive = rows > 0
     keep_all = positive.sum(1, keepdim=True) <= budget
     probs = torch.where(keep_all, positive.to(rows.dtype), _capped_rows(rows, budget))
@@ -65,20 +68,14 @@ def _capped_rows(rows: torch.Tensor, budget: float) -> torch.Tensor:
     return (rows * scale).clamp_(max=1.0)
 
 
-def _capped_vector(scores: torch.Tensor, budget: float) -> torch.Tensor:
-    """The solution for one vector on the CPU, where a host sync is free: the few largest
-    scores are walked in Python (the solution caps fewer than ``budget``, and usually a handful),
-    so the whole solve is a handful of tensor ops."""
-    probs = finite_capped_vector(scores, budget)
-    if probs is None:
-        raise ValueError("capped_proportional_probs: the scores must be finite")
-    return probs
-
-
 def finite_capped_vector(scores: torch.Tensor, budget: float) -> torch.Tensor | None:
     """:func:`capped_proportional_probs` of a float 1-D CPU vector with ``budget > 0``, or
     ``None`` if a score is not finite: the solve sums the scores anyway, so SampleW learns
-    whether its gradient is finite without a check of its own."""
+    whether its gradient is finite without a check of its own.
+
+    On the CPU a host sync is free: the few largest scores are walked in Python (the solution
+    caps fewer than ``budget``, and usually a handful), so the whole solve is a handful of
+    tensor ops."""
     tail = float(scores.sum(dtype=torch.float64))  # the sum below the n_capped largest
     if not math.isfinite(tail):
         return None

@@ -76,24 +76,13 @@ class ForwardReplay(TorchFunctionMode):
         self.recording, self._kept, self._batch, self._positions = False, kept, batch, [0, 0]
         return self
 
-    def __enter__(self) -> "ForwardReplay":
-        self.state.replay = self
-        return super().__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.state.replay = None
-        super().__exit__(*exc)
-
     @contextlib.contextmanager
     def active(self, intercept: bool) -> Iterator["ForwardReplay"]:
         """The replay, reachable by the sampled layers; with the mode only if ``intercept``."""
-        if intercept:
-            with self:
-                yield self
-            return
         self.state.replay = self
         try:
-            yield self
+            with self if intercept else contextlib.nullcontext():
+                yield self
         finally:
             self.state.replay = None
 
