@@ -1,0 +1,81 @@
+"""Record (or replay) short training runs of both controllers: a fingerprint of every step's
+gradients, the losses and the ratios after every step.
+
+The recording in ``runs.json`` was made before the controller was restructured; the test
+``tests/test_replay.py`` replays the same runs and requires bit-identical fingerprints, so a
+change of structure cannot silently change what training computes.
+
+    python3 tests/replay/record.py            # rewrite runs.json (only for an intended change)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import vcas  # noqa: E402
+from models import TinyTransformer, token_batch  # noqa: E402
+
+RUNS = {
+    "adaptive": dict(controller="adaptive", update_every=4, min_weight_numel=0, recompute_below=0.0,
+                     seed=3),
+    "paper": dict(controller="paper", update_every=3, min_weight_numel=0, recompute_below=0.0,
+                  seed=5, s_step=0.05),
+}
+STEPS = 24
+OUTPUT = Path(__file__).with_name("runs.json")
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            digest.update(name.encode())
+            digest.update(param.grad.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def run(name: str) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = TinyTransformer(dim=16, depth=3, dropout=0.1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        ctl = vcas.attach(model, vcas.VCASConfig(**RUNS[name]))
+
+        def loss_fn(batch):
+            return F.cross_entropy(model(batch[0]), batch[1])
+
+        calibration = (token_batch(n=12, seed=1000 + i) for i in itertools.count())
+        steps = []
+        for step in range(STEPS):
+            loss = loss_fn(token_batch(n=12, seed=step))
+            loss.backward()
+            steps.append({"loss": float(loss.detach()), "grads": fingerprint(model)})
+            optimizer.step()
+            optimizer.zero_grad()
+            ctl.maybe_calibrate(loss_fn, calibration)
+            stats = ctl.stats()
+            steps[-1].update(s=stats["s"], act=stats["act_ratios"], weight=stats["weight_ratios"])
+        ctl.detach()
+        return {"config": RUNS[name], "steps": steps}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def main() -> None:
+    OUTPUT.write_text(json.dumps({name: run(name) for name in RUNS}, indent=1) + "\n")
+    print(f"wrote {OUTPUT}")
+
+
+if __name__ == "__main__":
+    main()
