@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import vcas
-from vcas.experiments import tasks
-from vcas.experiments.train import endless_batches
+from vcas_lab import tasks
+from vcas_lab.train import endless_batches
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import vcas
-from vcas.experiments import tasks
-from vcas.experiments.train import endless_batches
+from vcas_lab import tasks
+from vcas_lab.train import endless_batches
 
 
 def main(task_name: str, steps: int, variants: list[str]) -> None:

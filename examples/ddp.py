@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vcas
-from vcas.data import batches, load_mnist
+from vcas_lab.data import batches, load_mnist
 
 
 class Block(nn.Module):

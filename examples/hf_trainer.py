@@ -18,7 +18,7 @@ import tempfile
 import torch
 
 import vcas
-from vcas.data import load_bbc_news, minilm_path, tokenize_texts
+from vcas_lab.data import load_bbc_news, minilm_path, tokenize_texts
 
 
 class Encoded(torch.utils.data.Dataset):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vcas
-from vcas.data import load_mnist
+from vcas_lab.data import load_mnist
 from vcas.integrations.lightning import VCASCallback
 
 

@@ -14,7 +14,7 @@ import os
 import torch
 
 import vcas
-from vcas.data import batches, load_bbc_news, minilm_path, tokenize_texts
+from vcas_lab.data import batches, load_bbc_news, minilm_path, tokenize_texts
 
 
 def main() -> None:

@@ -89,7 +89,7 @@ def image_batch(n: int = 8, classes: int = 3, seed: int = 0):
 
 # ----------------------------------------------------------------------- architecture coverage
 # The ResNet basic block of the benchmark presets: conv-BN-ReLU-conv-BN plus a shortcut.
-from vcas.benchmark.presets import BasicBlock  # noqa: E402
+from vcas_lab.bench.presets import BasicBlock  # noqa: E402
 
 
 class TinyResNet(nn.Module):

@@ -54,7 +54,7 @@ def test_whole_training_reduction_counts_calibration_and_the_rest_of_the_model()
     assert ctl.stats()["flops_scope"] == "sampled_layers"
     ctl.calibrate(loss_fn, [token_batch(seed=s) for s in (1, 2)])
     tally = ctl.flops
-    assert tally.scope == "model" and tally.other_forward_per_linear > 0
+    assert tally.scope == "model" and tally.other.forward > 0
     assert tally.calibration.forward > 0 and tally.calibration.backward_done > 0
     ctl.set_ratios(act=0.5, weight=0.5)
     for step in range(5):

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import vcas
-from vcas import adaptive
-from vcas.adaptive import CalibrationStats
+from vcas.control import adaptive, prediction
+from vcas.control.statistics import CalibrationStats
 from vcas.ops.records import SampleRecord
 from vcas.sampling import capped_proportional_probs, sampling_variance, share_schedule
 from models import NormBlocksOnly, TinyCNN, TinyConv1dNet, TinyTransformer, image_batch, token_batch
@@ -21,10 +21,11 @@ TAU = 0.025
 # ------------------------------------------------------------------ recorded statistics
 def _record_one_step(model, ctl, loss):
     """Run one recording backward (as an armed calibration step does) and return its stats."""
-    ctl._start_recording()
-    exact = torch.autograd.grad(loss, ctl._params, retain_graph=True)
-    stats = ctl._recorded_stats()
-    ctl._stop_recording()
+    mechanism = ctl.mechanism
+    mechanism.start_recording()
+    exact = torch.autograd.grad(loss, list(ctl.measured_parameters.values()), retain_graph=True)
+    stats = mechanism.take_stats()
+    mechanism.stop_recording()
     return stats, exact
 
 
@@ -38,14 +39,12 @@ def _per_sample_gradients(model, params, inputs, labels):
     return rows
 
 
-def _recorded_entries(site, grad, subset):
-    """The entries of a flattened weight gradient that ``site`` records, in its order."""
-    slices = getattr(site, "slices", None)
-    if slices is None:  # a convolution: single entries
-        return grad[subset]
-    dim, index = slices
-    matrix = grad.view(site.module.weight.shape)
-    return (matrix[index] if dim == 0 else matrix[:, index]).flatten()
+def _recorded_entries(probe, grad, shape):
+    """The entries of a flattened weight gradient that a layer's probe records, in its order."""
+    if not hasattr(probe, "dim"):  # a convolution: single entries
+        return grad[probe.index]
+    matrix = grad.view(shape)
+    return (matrix[probe.index] if probe.dim == 0 else matrix[:, probe.index]).flatten()
 
 
 @pytest.mark.parametrize("kind", ["transformer", "conv1d"])
@@ -58,16 +57,19 @@ def test_records_match_per_sample_gradients_and_the_within_batch_sgd_variance(ki
         model, inputs, labels = TinyConv1dNet(), torch.randn(6, 1, 12, generator=g), torch.randint(0, 3, (6,), generator=g)
     ctl = vcas.attach(model, vcas.VCASConfig(controller="adaptive", param_fraction=0.5, seed=0))
     stats, _ = _record_one_step(model, ctl, F.cross_entropy(model(inputs), labels))
-    per_sample = _per_sample_gradients(model, ctl._params, inputs, labels)
-    expected_sgd = []
-    for layer, (records, site, scale) in enumerate(zip(stats.layers, ctl._measured_sites, stats.scales)):
-        c = torch.stack([_recorded_entries(site, sample[layer], ctl._subsets[layer])
+    params = ctl.measured_parameters
+    per_sample = _per_sample_gradients(model, list(params.values()), inputs, labels)
+    probes = ctl.mechanism.runtime.recorder.probes
+    expected_sgd = {}
+    for layer, name in enumerate(params):
+        records, scale = stats.layers[name], stats.scales[name]
+        c = torch.stack([_recorded_entries(probes[name], sample[layer], params[name].shape)
                          for sample in per_sample])  # (samples, entries)
         assert len(records) == 1
         torch.testing.assert_close(records[0].squared_norms, c.pow(2).sum(1), rtol=1e-4, atol=1e-10)
         torch.testing.assert_close(records[0].total, c.sum(0), rtol=1e-4, atol=1e-8)
         # Variance of the mean of n samples = n * (sample variance of the contributions).
-        expected_sgd.append(scale * float(c.shape[0] * c.var(0, unbiased=True).sum()))
+        expected_sgd[name] = scale * float(c.shape[0] * c.var(0, unbiased=True).sum())
     assert stats.sgd_variances() == pytest.approx(expected_sgd, rel=1e-4, abs=1e-12)
     ctl.detach()
 
@@ -82,7 +84,7 @@ def test_within_batch_sgd_variance_is_unbiased_for_the_variance_across_batches()
     for seed in range(200):
         inputs, labels = token_batch(n=8, seed=seed)
         stats, exact = _record_one_step(model, ctl, F.cross_entropy(model(inputs), labels))
-        estimates.append(sum(stats.sgd_variances()))
+        estimates.append(sum(stats.sgd_variances().values()))
         gradients.append(torch.cat([g.flatten().double() for g in exact]))
     grads = torch.stack(gradients)
     across = float(grads.var(0, unbiased=True).sum())
@@ -105,20 +107,24 @@ def test_predicted_activation_variance_matches_real_sampling_draws(ratios):
     ctl = vcas.attach(model, vcas.VCASConfig(controller="adaptive", param_fraction=1.0, seed=0))
     loss = F.cross_entropy(*[model(token_batch(n=16, seed=3)[0]), token_batch(n=16, seed=3)[1]])
     stats, exact = _record_one_step(model, ctl, loss)
-    above = [sampler.above for sampler in ctl._installation.block_samplers]
-    predicted = sum(adaptive.act_variances(stats, above, ratios))
+    above = ctl.mechanism.above_positions
+    position = {name: i for i, name in enumerate(ctl.block_names)}
+    predicted = sum(prediction.act_variances(stats, above, ratios).values())
     simulated = []  # the simulation's own spread, over generator seeds
+    first = next(iter(stats.layers.values()))[0]
     for seed in range(8):
-        moments = adaptive.second_moments(stats.layers[0][0].pass_norms, above, ratios,
-                                          torch.Generator().manual_seed(seed))
-        simulated.append(sum(scale * float(((moments[r.block] - 1).clamp(min=0) * r.squared_norms).sum())
-                             for records, scale in zip(stats.layers, stats.scales)
-                             for r in records if r.block in moments))
+        moments = prediction.second_moments(prediction.positions(first.pass_norms, stats.blocks), above,
+                                            ratios, torch.Generator().manual_seed(seed))
+        simulated.append(sum(
+            stats.scales[name] * float(((moments[position[r.block]] - 1).clamp(min=0) * r.squared_norms).sum())
+            for name, records in stats.layers.items() for r in records
+            if r.block is not None and position[r.block] in moments))
     simulation_se = float(torch.tensor(simulated).std())
     ctl.set_ratios(act=ratios, weight=1.0)
     errors = []
+    params = list(ctl.measured_parameters.values())
     for _ in range(500):
-        grads = torch.autograd.grad(loss, ctl._params, retain_graph=True)
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
         errors.append(sum(float((a - b).double().pow(2).sum()) for a, b in zip(grads, exact)))
     measured = torch.tensor(errors)
     draws_se = float(measured.std() / math.sqrt(len(measured)))
@@ -128,6 +134,9 @@ def test_predicted_activation_variance_matches_real_sampling_draws(ratios):
 
 # ------------------------------------------------------------------ decision rule, synthetic
 BLOCKS, SAMPLES = 3, 32
+_NAMES = vcas.attach(TinyTransformer(depth=BLOCKS), vcas.VCASConfig(controller="adaptive"))
+BLOCK_NAMES, LINEAR_NAMES = tuple(_NAMES.block_names), list(_NAMES.linear_names)
+_NAMES.detach()
 
 
 def _synthetic_stats(seed: int, noise: float = 0.0) -> CalibrationStats:
@@ -138,13 +147,13 @@ def _synthetic_stats(seed: int, noise: float = 0.0) -> CalibrationStats:
     level = math.exp(noise * float(torch.randn(1, generator=g)))
     base = torch.exp(1.5 * torch.randn(SAMPLES, generator=g, dtype=torch.float64))
     pass_norms = {b: level * base * torch.exp(0.3 * torch.randn(SAMPLES, generator=g, dtype=torch.float64))
-                  for b in range(BLOCKS)}
-    layers = []
-    for block in range(BLOCKS):
+                  for b in BLOCK_NAMES}
+    layers = {}
+    for block, layer in zip(BLOCK_NAMES, LINEAR_NAMES):
         c = pass_norms[block][:, None] * torch.randn(SAMPLES, 16, generator=g, dtype=torch.float64) / 4
-        layers.append([SampleRecord(block, c.pow(2).sum(1), c.sum(0), pass_norms)])
-    scores = [[torch.rand(64, generator=g, dtype=torch.float64)] for _ in range(BLOCKS * 4)]
-    return CalibrationStats(layers, [1.0] * BLOCKS, scores, BLOCKS)
+        layers[layer] = [SampleRecord(block, c.pow(2).sum(1), c.sum(0), pass_norms)]
+    scores = {name: [torch.rand(64, generator=g, dtype=torch.float64)] for name in LINEAR_NAMES}
+    return CalibrationStats(layers, {name: 1.0 for name in layers}, scores, BLOCK_NAMES)
 
 
 ABOVE = [1, 2, None]
@@ -153,50 +162,63 @@ ABOVE = [1, 2, None]
 def _ratio_at(stats_list, s):
     """V_act / V_sgd at share s, pooled over a reference set of calibrations."""
     pool = [(1.0, st) for st in stats_list]
-    ratios = share_schedule(adaptive.pooled_block_norms(pool), s)
-    sgd = sum(sum(st.sgd_variances()) for st in stats_list)
-    return adaptive.pooled_act_variance(pool, ABOVE, ratios) / sgd
+    ratios = share_schedule(prediction.pooled_block_norms(pool), s)
+    sgd = sum(sum(st.sgd_variances().values()) for st in stats_list)
+    return prediction.pooled_act_variance(pool, ABOVE, ratios) / sgd
 
 
-def _controller(start_s=None, **options):
-    ctl = vcas.attach(TinyTransformer(depth=BLOCKS), vcas.VCASConfig(
-        controller="adaptive", tau_act=TAU, update_every=8, min_update_every=1, seed=0,
-        min_weight_numel=0, **options))
-    ctl._stop_recording()
-    if start_s is not None:  # as if an earlier calibration had put s there
-        ctl._s = start_s
-        ctl._adaptive_state.remember(_synthetic_stats(0), step=0, window=8)
-    return ctl
+class _Synthetic:
+    """A controller whose adaptive policy decides on synthetic calibrations."""
+
+    def __init__(self, start_s=None, **options):
+        self.ctl = vcas.attach(TinyTransformer(depth=BLOCKS), vcas.VCASConfig(
+            controller="adaptive", tau_act=TAU, update_every=8, min_update_every=1, seed=0,
+            min_weight_numel=0, **options))
+        self.ctl.mechanism.stop_recording()
+        self.policy = self.ctl.policy
+        if start_s is not None:  # as if an earlier calibration had put s there
+            self.policy.s = start_s
+            self.policy.memory.remember(_synthetic_stats(0), step=0, window=8)
+        self.step = 0
+
+    def update(self, stats):
+        self.step += 1
+        self.ctl.apply(self.policy.decide(stats, self.step, self.ctl.mechanism))
+
+    def stats(self):
+        return self.ctl.stats()
 
 
 @pytest.mark.parametrize("start_s", [None, 1.0, 0.05], ids=["first-calibration", "from-exact", "from-too-aggressive"])
 def test_converges_to_the_variance_threshold(start_s):
-    ctl = _controller(start_s)
+    ctl = _Synthetic(start_s)
     stats = _synthetic_stats(0)
     for _ in range(12):
-        ctl._apply_stats(stats)
+        ctl.update(stats)
     s = ctl.stats()["s"]
     assert _ratio_at([stats], s) <= TAU * 1.0001
     # The smallest s within the budget: a little less would exceed it.
     assert _ratio_at([stats], s - 0.02) > TAU or s < 0.02
     assert all(0 < r <= 1 for r in ctl.stats()["act_ratios"] + ctl.stats()["weight_ratios"])
+    # What the controller reports it controls: the pooled prediction, within tau.
+    assert ctl.stats()["controlled_act_ratio"] <= TAU * 1.0001
 
 
 def test_first_calibration_jumps_to_the_operating_point():
-    ctl = _controller()
+    ctl = _Synthetic()
     stats = _synthetic_stats(0)
-    ctl._apply_stats(stats)
-    target = adaptive.solve_share([(1.0, stats)], ABOVE, TAU * sum(stats.sgd_variances()))
+    ctl.update(stats)
+    target = prediction.solve_share([(1.0, stats)], ABOVE, TAU * sum(stats.sgd_variances().values()))
     assert ctl.stats()["s"] == target < 0.95
     assert min(ctl.stats()["act_ratios"]) < 0.6  # sampling from the first calibration on
 
 
 def test_does_not_oscillate_on_noisy_estimates_and_holds_the_bound_on_average():
-    ctl = _controller()
+    ctl = _Synthetic()
     shares = []
     for seed in range(40):
         # Batches differ: gradient scale varies by a factor of about 2.7 either way.
-        ctl._apply_stats(_synthetic_stats(100 + seed, noise=1.0))
+        ctl.update(_synthetic_stats(100 + seed, noise=1.0))
         shares.append(ctl.stats()["s"])
     tail = shares[-20:]
     assert max(tail) - min(tail) < 0.2
@@ -210,40 +232,43 @@ def test_does_not_oscillate_on_noisy_estimates_and_holds_the_bound_on_average():
 def test_weight_ratios_meet_their_budget_and_stay_in_range():
     g = torch.Generator().manual_seed(3)
     scores = [(1.0, torch.rand(64, generator=g)) for _ in range(2)]
-    nu = adaptive.solve_weight_ratio(scores, budget=0.5, floor=0.05)
+    nu = prediction.solve_weight_ratio(scores, budget=0.5, floor=0.05)
     assert 0.05 <= nu <= 1
-    assert adaptive.weight_variance(scores, nu) <= 0.5
-    assert adaptive.weight_variance(scores, nu - 0.01) > 0.5 or nu <= 0.05
+    assert prediction.weight_variance(scores, nu) <= 0.5
+    assert prediction.weight_variance(scores, nu - 0.01) > 0.5 or nu <= 0.05
 
 
 def test_all_linears_solved_at_once_match_one_bisection_per_linear():
     g = torch.Generator().manual_seed(5)
     pool = []
+    names = ["a", "b", "c", "d"]
     for age in range(3):  # per calibration, two passes of row scores for each of four linears
-        rows = [[torch.rand(40 + 8 * site, generator=g) ** (1 + site) for _ in range(2)] for site in range(4)]
-        pool.append((0.8 ** age, adaptive.CalibrationStats([], [], rows, n_blocks=0)))
-    budgets = [0.02, None, 0.5, 0.001]
-    solved = adaptive.solve_weight_ratios(pool, budgets, floor=0.05)
+        rows = {name: [torch.rand(40 + 8 * site, generator=g) ** (1 + site) for _ in range(2)]
+                for site, name in enumerate(names)}
+        pool.append((0.8 ** age, CalibrationStats({}, {}, rows, ())))
+    budgets = {"a": 0.02, "b": None, "c": 0.5, "d": 0.001}
+    solved = prediction.solve_weight_ratios(pool, budgets, floor=0.05)
+
     def pooled_variance(site, nu):  # written out from the definition, one row at a time
         return sum(w * float(sampling_variance(capped_proportional_probs(row, nu * int((row > 0).sum())), row))
                    for w, stats in pool for row in stats.row_scores[site])
 
-    assert solved[1] == 1.0
-    for site in (0, 2, 3):
+    assert solved["b"] == 1.0
+    for site in ("a", "c", "d"):
         nu = solved[site]
         assert 0.05 <= nu <= 1 and pooled_variance(site, nu) <= budgets[site] * (1 + 1e-9)
         # The bisection stops within 2^-10 of the smallest ratio that meets the budget.
         assert nu == 0.05 or pooled_variance(site, nu - 2 ** -10) > budgets[site]
         scores = [(w, row) for w, stats in pool for row in stats.row_scores[site]]
-        assert nu == pytest.approx(adaptive.solve_weight_ratio(scores, budgets[site], floor=0.05), abs=1e-12)
+        assert nu == pytest.approx(prediction.solve_weight_ratio(scores, budgets[site], floor=0.05), abs=1e-12)
 
 
 def test_weight_ratios_above_max_weight_ratio_become_exact():
     stats = _synthetic_stats(0)
-    solved = _controller()
-    solved._apply_stats(stats)
-    capped = _controller(max_weight_ratio=0.3)
-    capped._apply_stats(stats)
+    solved = _Synthetic()
+    solved.update(stats)
+    capped = _Synthetic(max_weight_ratio=0.3)
+    capped.update(stats)
     nus, kept = solved.stats()["weight_ratios"], capped.stats()["weight_ratios"]
     assert any(0.3 < nu < 1 for nu in nus) and any(nu <= 0.3 for nu in nus)
     assert kept == [nu if nu <= 0.3 else 1.0 for nu in nus]
@@ -252,21 +277,22 @@ def test_weight_ratios_above_max_weight_ratio_become_exact():
 
 
 def test_calibration_interval_grows_while_stable_and_state_round_trips():
-    ctl = _controller()
+    ctl = _Synthetic()
     stats = _synthetic_stats(0)
     for _ in range(6):
-        ctl._apply_stats(stats)
-    memory = ctl._adaptive_state
+        ctl.update(stats)
+    memory = ctl.policy.memory
     assert memory.interval == 8  # doubled from 1 up to update_every
-    other = _controller()
-    other.load_state_dict(ctl.state_dict())
+    other = _Synthetic()
+    other.ctl.load_state_dict(ctl.ctl.state_dict())
+    other.step = ctl.step
     assert other.stats()["s"] == ctl.stats()["s"]
-    assert other._adaptive_state.state_dict().keys() == memory.state_dict().keys()
-    assert (other._adaptive_state.interval, other._adaptive_state.next_step) == (memory.interval, memory.next_step)
+    assert other.policy.memory.state_dict().keys() == memory.state_dict().keys()
+    assert (other.policy.memory.interval, other.policy.memory.next_step) == (memory.interval, memory.next_step)
     # The restored history gives the same next decision.
     follow_up = _synthetic_stats(7, noise=1.0)
-    ctl._apply_stats(follow_up)
-    other._apply_stats(follow_up)
+    ctl.update(follow_up)
+    other.update(follow_up)
     assert other.stats()["s"] == ctl.stats()["s"]
     assert other.stats()["weight_ratios"] == ctl.stats()["weight_ratios"]
 
@@ -299,7 +325,7 @@ def test_the_first_training_step_calibrates_with_an_exact_backward():
     model.zero_grad()
     assert ctl.calibrating
     assert ctl.maybe_calibrate() is True and ctl.stats()["updates"] == 1
-    assert not ctl.calibrating or ctl._adaptive_state.next_step == 2
+    assert not ctl.calibrating or ctl.policy.memory.next_step == 2
     ran = _loop(model, ctl, 30)
     assert sum(ran) >= 3
     assert ctl.stats()["s"] < 1.0 and ctl.stats()["bp_flops_reduction"] > 0
@@ -330,24 +356,29 @@ def test_a_checkpoint_from_before_the_recording_controller_still_loads():
     torch.manual_seed(0)
     ctl = vcas.attach(TinyTransformer(depth=2), vcas.VCASConfig(seed=0))
     ctl.set_ratios(act=0.5)
-    old = {**ctl.state_dict(), "version": 1,
-           "adaptive_state": {"var_act": 0.0, "proxy": 0.0, "var_sgd_layers": None}}
-    del old["recording"]
+    current = ctl.state_dict()
+    old = {key: current[key] for key in ("config", "block_names", "linear_names", "seed", "act_ratios",
+                                          "weight_ratios", "steps", "updates", "skipped_updates",
+                                          "generators", "history")}
+    old.update(version=1, s=1.0, adaptive=False,
+               tally={"train": {"forward": 0.0, "backward_exact": 0.0, "backward_done": 0.0},
+                      "calibration": {"forward": 0.0, "backward_exact": 0.0, "backward_done": 0.0},
+                      "other_forward_per_linear": None, "other_backward_per_linear": None})
     other = vcas.attach(TinyTransformer(depth=2), vcas.VCASConfig(seed=0))
     other.load_state_dict(old)
-    assert other.stats()["act_ratios"] == [0.5, 0.5] and not other.stats()["adaptive"]
+    assert other.stats()["act_ratios"] == [0.5, 0.5] and not other.stats()["adapting"]
 
 
 def test_a_block_that_recorded_nothing_keeps_everything():
     stats = _synthetic_stats(0)
-    for records in stats.layers:
+    for records in stats.layers.values():
         for record in records:
-            record.pass_norms.pop(BLOCKS - 1, None)  # the top block's sampler never fired
-    stats.layers[BLOCKS - 1] = []
+            record.pass_norms.pop(BLOCK_NAMES[-1], None)  # the top block's sampler never fired
+    stats.layers[LINEAR_NAMES[BLOCKS - 1]] = []
     pool = [(1.0, stats)]
-    ratios = share_schedule(adaptive.pooled_block_norms(pool), 0.5)
+    ratios = share_schedule(prediction.pooled_block_norms(pool), 0.5)
     assert len(ratios) == BLOCKS and ratios[-1] == 1.0
-    assert 0.0 <= adaptive.solve_share(pool, ABOVE, TAU * sum(stats.sgd_variances())) <= 1.0
+    assert 0.0 <= prediction.solve_share(pool, ABOVE, TAU * sum(stats.sgd_variances().values())) <= 1.0
 
 
 def test_gradient_accumulation_records_every_micro_batch_of_the_calibration_step():
@@ -357,10 +388,11 @@ def test_gradient_accumulation_records_every_micro_batch_of_the_calibration_step
     for micro in range(2):  # one optimizer step of two micro-batches
         inputs, labels = token_batch(n=8, seed=micro)
         (F.cross_entropy(model(inputs), labels) / 2).backward()
-    stats = ctl._recorded_stats()
-    assert all(len(records) == 2 for records in stats.layers)
+    stats = ctl.mechanism.take_stats()
+    assert all(len(records) == 2 for records in stats.layers.values())
     assert stats.samples == 16 and len(stats.block_norms()) == 2
-    assert ctl.maybe_calibrate() and ctl.stats()["updates"] == 1
+    ctl.apply(ctl.policy.decide(stats, 1, ctl.mechanism))
+    assert ctl.stats()["updates"] == 1
 
 
 def test_the_pool_forgets_calibrations_older_than_the_window_and_beyond_the_memory():
@@ -383,8 +415,8 @@ def test_the_pool_forgets_calibrations_older_than_the_window_and_beyond_the_memo
 def test_pooled_act_variance_equals_the_weighted_sum_of_the_per_layer_predictions():
     pool = [(0.8 ** age, _synthetic_stats(seed, noise=1.0)) for age, seed in enumerate(range(3))]
     for ratios in ([0.3] * BLOCKS, [0.2, 0.5, 0.7, 0.9][:BLOCKS], [0.5] * (BLOCKS - 1) + [1.0]):
-        per_layer = sum(w * sum(adaptive.act_variances(stats, ABOVE, ratios)) for w, stats in pool)
-        assert adaptive.pooled_act_variance(pool, ABOVE, ratios) == pytest.approx(per_layer, rel=1e-12)
+        per_layer = sum(w * sum(prediction.act_variances(stats, ABOVE, ratios).values()) for w, stats in pool)
+        assert prediction.pooled_act_variance(pool, ABOVE, ratios) == pytest.approx(per_layer, rel=1e-12)
 
 
 def test_auto_picks_adaptive_where_its_assumptions_hold_and_paper_elsewhere():
@@ -461,8 +493,9 @@ def test_a_pass_that_overflowed_in_some_layers_is_dropped_from_every_layer():
     handle.remove()
     model.zero_grad()
     F.cross_entropy(model(tokens), labels).backward()
-    stats = ctl._recorded_stats()
-    kept = [records for records in stats.layers if records]
+    stats = ctl.mechanism.take_stats()
+    kept = [records for records in stats.layers.values() if records]
     assert kept and all(len(records) == 1 for records in kept)  # only the finite pass, everywhere
     assert len({id(records[0].pass_norms) for records in kept}) == 1
-    assert ctl.maybe_calibrate() and ctl.stats()["skipped_updates"] == 0
+    ctl.apply(ctl.policy.decide(stats, 1, ctl.mechanism))
+    assert ctl.stats()["updates"] == 1 and ctl.stats()["skipped_updates"] == 0

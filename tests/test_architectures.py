@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vcas
-import vcas.data
+import vcas_lab.data
 from models import StructuredModel
 from stats import ENERGY_BOUND, bias_statistics, sampled_gradients
 
@@ -190,7 +190,7 @@ def test_t5_encoder_top_samples_the_gradient_all_decoder_blocks_send():
 
 
 def test_tiny_vit_learns_mnist_with_adaptation():
-    images, labels = vcas.data.load_mnist("train", limit=640)
+    images, labels = vcas_lab.data.load_mnist("train", limit=640)
     torch.manual_seed(0)
     model = _vit(image_size=28, patch_size=7, classes=10, hidden=32)
     ctl = vcas.attach(model, vcas.VCASConfig(update_every=5, seed=0))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from vcas.baselines import selective_backprop_weights, upper_bound_weights
+from vcas_lab.baselines import selective_backprop_weights, upper_bound_weights
 from vcas.errors import ConfigError
 
 

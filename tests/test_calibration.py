@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import vcas
-import vcas.calibration
+import vcas.control.paper
 from models import TinyCNN, TinyTransformer, image_batch, token_batch
 
 
@@ -70,14 +70,14 @@ def test_sampled_draws_differ_and_share_the_dropout_masks(monkeypatch):
     ctl = vcas.attach(model, vcas.VCASConfig(seed=0, param_fraction=1.0, controller="paper"))
     loss_fn = lambda batch: F.cross_entropy(model(batch[0]), batch[1])
     seen = []
-    original = vcas.calibration._subset_grads
+    original = vcas.control.paper.subset_gradients
 
     def recording(loss, params, subsets, retain):
         grads = original(loss, params, subsets, retain)
-        seen.append(torch.cat(grads))
+        seen.append(torch.cat(list(grads.values())))
         return grads
 
-    monkeypatch.setattr(vcas.calibration, "_subset_grads", recording)
+    monkeypatch.setattr(vcas.control.paper, "subset_gradients", recording)
     ctl.set_ratios(act=0.4, weight=1.0)
     ctl.calibrate(loss_fn, [token_batch(n=16, seed=s) for s in (1, 2, 3)])
     # Per batch: one exact pass then M = 3 sampled passes, all pairwise different.
@@ -88,7 +88,7 @@ def test_sampled_draws_differ_and_share_the_dropout_masks(monkeypatch):
     # With ratios of 1 the sampled passes equal the exact one: same dropout masks.
     seen.clear()
     ctl.set_ratios(act=1.0, weight=1.0)
-    ctl._s = 1.0
+    ctl.policy.s = 1.0
     ctl.calibrate(loss_fn, [token_batch(seed=s) for s in (1, 2)])
     assert ctl.stats()["var_act"] == 0.0
     assert all(torch.equal(seen[0], g) for g in seen[1:3])
@@ -106,7 +106,7 @@ def test_maybe_calibrate_runs_every_update_every_optimizer_steps():
     ctl.set_ratios(act=0.5)
     assert not any(ctl.maybe_calibrate(loss_fn, calib) for _ in range(6))
     ctl.calibrate(loss_fn, calib[:2])
-    assert ctl.stats()["adaptive"]
+    assert ctl.stats()["adapting"]
     with pytest.raises(ValueError, match="exhausted"):
         for _ in range(6):
             ctl.maybe_calibrate(loss_fn, iter([]))

@@ -1,4 +1,4 @@
-"""Compact recompute (vcas.ops.compact): the same gradients as the full sampled backward,
+"""Compact recompute (vcas.ops.recompute): the same gradients as the full sampled backward,
 unbiased, honest FLOPs, and a clean fallback for blocks it cannot recompute."""
 
 import copy
@@ -27,6 +27,10 @@ def _pair(model, act=0.5, weight=0.5, recompute_below=1.0, **attach_kwargs):
     return (full, ctl_full), (compact, ctl_compact)
 
 
+def _status(ctl):
+    return set(ctl.compact_status().values())
+
+
 def _grads(model, loss_of, seed=1):
     torch.manual_seed(seed)  # the same dropout masks in both models
     model.zero_grad(set_to_none=True)
@@ -52,10 +56,14 @@ def _transformer_pair(dropout):
 
 def test_same_gradients_as_the_full_sampled_backward_with_dropout():
     ((full, ctl_full), (compact, ctl_compact)), loss_of = _transformer_pair(dropout=0.2)
-    for _ in range(3):  # the sampler draws in the same order in both: identical gradients
+    for _ in range(2):  # verifying uses: the full backward, and the checks beside it
+        _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of), rtol=0)
+    assert _status(ctl_compact) == {"compact"}
+    for _ in range(3):  # the sampler draws in the same order in both: the same gradients
         _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
-    assert all(b.verified for b in ctl_compact._installation.compact_blocks)
-    # The same FLOPs in the sampled layers: the re-run reuses the linear outputs of the forward.
+    assert ctl_compact.stats()["compact_backwards"] == 3 * 3
+    # The same FLOPs in the sampled layers: the re-run reuses the linear outputs of the forward
+    # (the verifying uses' checks count as calibration work).
     f, c = ctl_full.flops.train, ctl_compact.flops.train
     assert (c.forward, c.backward_exact, c.backward_done) == pytest.approx(
         (f.forward, f.backward_exact, f.backward_done))
@@ -74,22 +82,23 @@ def test_hf_bert_with_dropout_and_attention_mask():
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     (full, _), (compact, ctl) = _pair(model, act=0.5, weight=0.5)
     loss_of = lambda m: m(input_ids=ids, attention_mask=mask, labels=labels).loss
-    _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
-    assert all(b.verified for b in ctl._installation.compact_blocks)
+    for _ in range(4):
+        _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
+    assert _status(ctl) == {"compact"} and ctl.stats()["compact_backwards"] > 0
 
 
 def test_a_block_seen_drawing_no_random_numbers_runs_without_the_mode_until_it_draws_some():
     ((full, _), (compact, ctl)), loss_of = _transformer_pair(dropout=0.0)
-    for _ in range(2):
+    for _ in range(4):
         _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
-    blocks = ctl._installation.compact_blocks
-    assert all(b.verified and not b.intercept for b in blocks)
+    blocks = ctl.mechanism.installation.compact_blocks.values()
+    assert all(b.status == "compact" and not b.intercept for b in blocks)
     for m in list(full.modules()) + list(compact.modules()):
         if isinstance(m, nn.Dropout):
             m.p = 0.3  # from now on the blocks draw dropout masks the re-run must replay
     for _ in range(2):
         _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
-    assert all(b.verified and b.intercept for b in blocks)
+    assert all(b.status == "compact" and b.intercept for b in blocks)
 
 
 def test_compact_recompute_is_unbiased():
@@ -101,6 +110,10 @@ def test_compact_recompute_is_unbiased():
     exact = [g.detach() for g in torch.autograd.grad(F.cross_entropy(reference(tokens), labels), params)]
     ctl = vcas.attach(model, vcas.VCASConfig(seed=0, recompute_below=1.0))
     ctl.set_ratios(act=0.25, weight=0.5)
+    for seed in range(6):  # past the verifying uses
+        F.cross_entropy(model(token_batch(n=8, t=6, seed=seed)[0]), labels).backward()
+    model.zero_grad()
+    assert _status(ctl) == {"compact"}
     samples = sampled_gradients(model, F.cross_entropy(model(tokens), labels), 300)
     stats = bias_statistics(samples, exact)
     assert stats["deterministic_mismatches"] == 0, stats
@@ -115,7 +128,7 @@ def test_above_the_threshold_the_block_runs_as_usual():
     ctl.set_ratios(act=0.5, weight=1.0)
     tokens, labels = token_batch(n=8, t=6)
     F.cross_entropy(model(tokens), labels).backward()
-    assert all(b.verified is None for b in ctl._installation.compact_blocks)
+    assert _status(ctl) == {"unverified"} and ctl.stats()["compact_backwards"] == 0
 
 
 class _DropPath(nn.Module):
@@ -164,7 +177,7 @@ def test_blocks_it_cannot_recompute_fall_back_with_a_warning(block, reason, capl
     with caplog.at_level(logging.WARNING, logger="vcas"):
         _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
     assert reason in caplog.text
-    assert all(b.verified is False for b in ctl._installation.compact_blocks)
+    assert all(status.startswith("full") for status in _status(ctl))
 
 
 def test_batchnorm_in_training_mode_falls_back_and_frozen_batchnorm_recomputes():
@@ -174,23 +187,26 @@ def test_batchnorm_in_training_mode_falls_back_and_frozen_batchnorm_recomputes()
     loss_of = lambda m: F.cross_entropy(m(images), labels)
     (full, _), (compact, ctl) = _pair(copy.deepcopy(model).train(), act=0.5, weight=1.0)
     _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
-    assert all(b.verified is False for b in ctl._installation.compact_blocks)
+    assert all("BatchNorm in training mode" in status for status in _status(ctl))
 
     (full, _), (compact, ctl) = _pair(copy.deepcopy(model).eval(), act=0.5, weight=1.0)
-    _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
-    assert all(b.verified for b in ctl._installation.compact_blocks)
+    for _ in range(4):
+        _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of))
+    assert _status(ctl) == {"compact"}
 
 
 def test_bf16_autocast_matches_the_full_backward():
     torch.manual_seed(0)
     model = TinyTransformer(depth=2)
     tokens, labels = token_batch(n=8, t=6)
-    (full, _), (compact, _) = _pair(model)
+    (full, _), (compact, ctl) = _pair(model)
 
     def loss_of(m):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return F.cross_entropy(m(tokens), labels)
-    _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of), rtol=2e-2)
+    for _ in range(4):
+        _assert_same_grads(_grads(full, loss_of), _grads(compact, loss_of), rtol=2e-2)
+    assert _status(ctl) == {"compact"} and ctl.stats()["compact_backwards"] > 0  # the compact path ran
 
 
 def test_nothing_kept_and_detach_restores_the_blocks():
@@ -218,7 +234,10 @@ def test_flop_counter_mode_over_the_forward_turns_recompute_off_and_over_the_bac
     tokens, labels = token_batch(n=8, t=6)
     with FlopCounterMode(display=False):
         F.cross_entropy(model(tokens), labels).backward()
-    assert all(b.verified is None for b in ctl._installation.compact_blocks)
+    assert _status(ctl) == {"unverified"}
+    for _ in range(3):
+        F.cross_entropy(model(tokens), labels).backward()
+    assert _status(ctl) == {"compact"}
     loss = F.cross_entropy(model(tokens), labels)
     with pytest.raises(RuntimeError, match="enter FlopCounterMode before the forward"):
         with FlopCounterMode(display=False):

@@ -57,7 +57,7 @@ def test_unknown_task_and_method_are_refused(tmp_path, capsys):
 def test_min_weight_numel_reaches_the_config_and_bad_values_are_refused(tmp_path, capsys):
     import argparse
 
-    from vcas.experiments import compare, tasks
+    from vcas_lab import compare, tasks
     parser = argparse.ArgumentParser()
     compare.add_arguments(parser)
     task = tasks.Task("t", {"labels": [0] * 8}, {"labels": [0] * 8}, 2, None, None, lr=1e-3,

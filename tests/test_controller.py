@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import vcas
-from vcas.calibration import Measurement
-from vcas.controller import candidate_schedule, next_share, next_weight_ratios
+from vcas.control.paper import candidate_schedule, next_share, next_weight_ratios
+from vcas.control.statistics import Measurement
 from vcas.sampling import monotone_schedule, norm_share_fraction
 from models import TinyTransformer
 
@@ -43,14 +43,23 @@ def test_candidate_schedule_matches_a_hand_computation():
     assert schedule == pytest.approx([0.375, 0.625, 0.625])  # monotone: max over blocks below
 
 
+def _measurement(ctl, sgd, act, weight, norms):
+    """A paper calibration's measurement with one value per sampled linear (in plan order)."""
+    names = ctl.linear_names
+    return Measurement(dict(zip(names, sgd)), dict(zip(names, act)), dict(zip(names, weight)), norms)
+
+
+def _apply(ctl, measurement):
+    ctl.apply(ctl.policy.decide(measurement, ctl.mechanism))
+
+
 def test_update_applies_the_schedule_of_the_new_share_not_the_old():
     model = TinyTransformer(depth=3)
     ctl = vcas.attach(model, vcas.VCASConfig(s_step=0.3, min_weight_numel=0, controller="paper"))
     n_linear = len(ctl.linear_names)
-    measurement = Measurement(var_sgd_layers=[1.0] * n_linear, var_act_layers=[0.0] * n_linear,
-                              var_weight_layers=[1.0] + [0.0] * (n_linear - 1),
-                              block_norms=_norms())
-    ctl._apply(measurement)  # V_act <= tau * V_sgd: s goes down 1.0 -> 0.7
+    measurement = _measurement(ctl, [1.0] * n_linear, [0.0] * n_linear,
+                               [1.0] + [0.0] * (n_linear - 1), _norms())
+    _apply(ctl, measurement)  # V_act <= tau * V_sgd: s goes down 1.0 -> 0.7
     stats = ctl.stats()
     assert stats["s"] == pytest.approx(0.7)
     assert stats["act_ratios"] == pytest.approx(candidate_schedule(_norms(), 0.7))
@@ -58,8 +67,8 @@ def test_update_applies_the_schedule_of_the_new_share_not_the_old():
     # Layer 0 is over its budget: nu stays clipped at 1; the others shrink by beta.
     assert stats["weight_ratios"] == pytest.approx([1.0] + [0.95] * (n_linear - 1))
     # Now the activation variance is too high: s goes back up, ratios follow the new s.
-    high = Measurement([1.0] * n_linear, [1.0] * n_linear, [0.0] * n_linear, _norms())
-    ctl._apply(high)
+    high = _measurement(ctl, [1.0] * n_linear, [1.0] * n_linear, [0.0] * n_linear, _norms())
+    _apply(ctl, high)
     assert ctl.stats()["s"] == pytest.approx(1.0)
     assert ctl.stats()["act_ratios"] == pytest.approx(candidate_schedule(_norms(), 1.0))
 
@@ -68,8 +77,9 @@ def test_linears_below_min_weight_numel_keep_exact_weight_gradients():
     model = TinyTransformer(depth=3)  # linears of 16 x 48, 16 x 32 (>= 512 entries), 16 x 16, 16 x 3
     ctl = vcas.attach(model, vcas.VCASConfig(s_step=0.3, min_weight_numel=512, controller="paper"))
     n = len(ctl.linear_names)
-    ctl._apply(Measurement([1.0] * n, [0.0] * n, [0.0] * n, _norms()))
-    large = [site.module.weight.numel() >= 512 for site in ctl._installation.linear_sites]
+    _apply(ctl, _measurement(ctl, [1.0] * n, [0.0] * n, [0.0] * n, _norms()))
+    large = [site.weight.numel() >= 512 for site in ctl.plan.linears]
+    assert ctl.weight_sampled_layers == [name for name, big in zip(ctl.linear_names, large) if big]
     assert any(large) and not all(large)
     assert ctl.stats()["weight_ratios"] == pytest.approx([0.95 if big else 1.0 for big in large])
 
@@ -78,16 +88,16 @@ def test_ratio_ema_smooths_the_schedule():
     model = TinyTransformer(depth=3)
     ctl = vcas.attach(model, vcas.VCASConfig(s_step=0.3, ratio_ema=0.6, controller="paper"))
     n = len(ctl.linear_names)
-    ctl._apply(Measurement([1.0] * n, [0.0] * n, [0.0] * n, _norms()))
+    _apply(ctl, _measurement(ctl, [1.0] * n, [0.0] * n, [0.0] * n, _norms()))
     expected = [0.6 * 1.0 + 0.4 * r for r in candidate_schedule(_norms(), 0.7)]
     assert ctl.stats()["act_ratios"] == pytest.approx(expected)
 
 
 def test_non_finite_statistics_skip_the_update_and_say_so():
     model = TinyTransformer(depth=3)
-    ctl = vcas.attach(model)
+    ctl = vcas.attach(model, vcas.VCASConfig(controller="paper"))
     n = len(ctl.linear_names)
-    ctl._apply(Measurement([math.nan] * n, [0.0] * n, [0.0] * n, _norms()))
+    _apply(ctl, _measurement(ctl, [math.nan] * n, [0.0] * n, [0.0] * n, _norms()))
     stats = ctl.stats()
     assert stats["s"] == 1.0 and stats["skipped_updates"] == 1 and stats["updates"] == 0
     assert "non-finite" in stats["last_skip_reason"]

@@ -16,12 +16,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import vcas
-import vcas.data
+import vcas_lab.data
 import vcas.ops.conv
 from models import TinyConv1dNet, TinyResNet, image_batch
 from stats import ENERGY_BOUND, bias_statistics, sampled_gradients
-from vcas.ops.conv import ConvSite
-from vcas.state import SamplingState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,9 +50,11 @@ CONVS = {
 
 
 def _install(conv):
-    state = SamplingState(n_blocks=0, n_linears=0, seed=0)
-    conv.forward = ConvSite(0, "conv", conv, state)
-    return state
+    """The convolution with vcas's backward installed (as the one block of a container): its
+    FLOPs tally."""
+    ctl = vcas.attach(nn.Sequential(conv), vcas.VCASConfig(seed=0, controller="paper"), blocks=["0"])
+    ctl.set_ratios(act=1.0)
+    return ctl.flops
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -64,7 +64,7 @@ def test_zero_gradient_samples_are_skipped_and_the_gradients_stay_exact(case):
     torch.manual_seed(0)
     conv = make()
     reference = copy.deepcopy(conv)
-    state = _install(conv)
+    flops = _install(conv)
     x = torch.randn(shape, requires_grad=True)
     out = conv(x)
     torch.testing.assert_close(out, reference(x))
@@ -74,7 +74,7 @@ def test_zero_gradient_samples_are_skipped_and_the_gradients_stay_exact(case):
     want = torch.autograd.grad(reference(x), [x, *reference.parameters()], grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    tally = state.tally.train
+    tally = flops.train
     assert tally.backward_done == pytest.approx(tally.backward_exact * 3 / 5)
 
 
@@ -82,7 +82,7 @@ def test_convolution_flops_match_the_flop_counter():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
     reference = copy.deepcopy(conv)
-    state = _install(conv)
+    flops = _install(conv)
     x = torch.randn(6, 3, 9, 9, requires_grad=True)
     with FlopCounterMode(display=False) as forward:
         out = conv(x)
@@ -93,7 +93,7 @@ def test_convolution_flops_match_the_flop_counter():
     reference_out = reference(x)
     with FlopCounterMode(display=False) as exact:
         reference_out.backward(grad)
-    tally = state.tally.train
+    tally = flops.train
     assert tally.forward == forward.get_total_flops()
     assert tally.backward_done == backward.get_total_flops()
     assert tally.backward_exact == exact.get_total_flops() == 2 * tally.backward_done
@@ -149,7 +149,7 @@ def test_skipping_gives_the_same_gradients_as_exact_convolutions_draw_by_draw(ca
     exact_convs = copy.deepcopy(model)
     skipping = vcas.attach(model, vcas.VCASConfig(seed=0))
     reference = vcas.attach(exact_convs, vcas.VCASConfig(seed=0), exclude=lambda m, name: isinstance(m, nn.Conv1d | nn.Conv2d))
-    assert skipping.conv_names and not reference.conv_names
+    assert skipping.plan.convs and not reference.plan.convs
     for ctl in (skipping, reference):
         ctl.set_ratios(act=[0.25, 0.5, 0.5, 0.75][:len(ctl.block_names)])
     loss, reference_loss = loss_of(model), loss_of(exact_convs)
@@ -189,7 +189,7 @@ def test_equal_ratios_sample_once_per_stack_even_after_batchnorm():
 
 
 def test_small_resnet_learns_mnist_with_adaptation():
-    images, labels = vcas.data.load_mnist("train", limit=704)
+    images, labels = vcas_lab.data.load_mnist("train", limit=704)
     torch.manual_seed(0)
     model = TinyResNet(channels=8, classes=10)
     ctl = vcas.attach(model, vcas.VCASConfig(update_every=4, seed=0))
@@ -228,7 +228,7 @@ def efficientnet():
 
 
 def _mnist_rgb(limit):
-    images, labels = vcas.data.load_mnist("train", limit=limit)
+    images, labels = vcas_lab.data.load_mnist("train", limit=limit)
     images = F.interpolate(images, size=32, mode="bilinear", align_corners=False)
     return ((images - 0.5) / 0.25).expand(-1, 3, -1, -1).contiguous(), labels
 

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from vcas import data
+from vcas_lab import data
 
 
 def _needs(module: str, pip_name: str) -> pytest.MarkDecorator:

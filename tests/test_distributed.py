@@ -77,8 +77,9 @@ def _train(controller: str, rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     import vcas
-    import vcas.calibration
-    import vcas.distributed
+    import vcas.control.distributed
+    import vcas.control.paper
+    from vcas.control.statistics import CalibrationStats
     from models import TinyTransformer
 
     torch.manual_seed(0)
@@ -94,7 +95,7 @@ def _train(controller: str, rank: int) -> dict:
 
     # The local statistics each rank measured, before the ranks pool them.
     local_var_act: list[str] = []
-    measure, merge_stats = vcas.calibration.measure, vcas.distributed.merge_stats
+    measure, merge = vcas.control.paper.measure, vcas.control.distributed.merge
 
     def spy_measure(*args, **kwargs):
         measurement = measure(*args, **kwargs)
@@ -102,10 +103,11 @@ def _train(controller: str, rank: int) -> dict:
         return measurement
 
     def spy_merge(stats):
-        local_var_act.append(float.hex(sum(stats.sgd_variances())))
-        return merge_stats(stats)
+        if isinstance(stats, CalibrationStats):
+            local_var_act.append(float.hex(sum(stats.sgd_variances().values())))
+        return merge(stats)
 
-    vcas.calibration.measure, vcas.distributed.merge_stats = spy_measure, spy_merge
+    vcas.control.paper.measure, vcas.control.distributed.merge = spy_measure, spy_merge
     losses, ratios = [], []
     try:
         for _ in range(STEPS):
@@ -119,7 +121,7 @@ def _train(controller: str, rank: int) -> dict:
             ratios.append({"s": float.hex(stats["s"]), "act": [float.hex(r) for r in stats["act_ratios"]],
                            "weight": [float.hex(r) for r in stats["weight_ratios"]]})
     finally:
-        vcas.calibration.measure, vcas.distributed.merge_stats = measure, merge_stats
+        vcas.control.paper.measure, vcas.control.distributed.merge = measure, merge
     checksum = float.hex(float(sum(p.double().sum() for p in ddp.parameters())))
     stats = ctl.stats()
     return {"ratios": ratios, "losses": losses, "local_var_act": local_var_act,

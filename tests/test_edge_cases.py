@@ -123,13 +123,17 @@ def test_a_non_finite_gradient_at_a_weight_sampled_linear_is_counted_and_passes_
 
 
 def test_linears_reading_the_same_input_share_its_row_norms_until_it_changes():
-    from vcas.state import SamplingState
-    state = SamplingState(n_blocks=0, n_linears=0, seed=0)
+    from vcas.runtime.ratios import RatioTable
+    from vcas.runtime.recorder import Recorder
+    from vcas.runtime.rng import SamplingGenerators
+    from vcas.runtime.runtime import Runtime
+    runtime = Runtime(RatioTable.ones([], []), SamplingGenerators(0), Recorder({}))
     x = torch.randn(3, 4, 5)
-    first = state.input_row_norms(x)
-    assert state.input_row_norms(x) is first
+    first = runtime.input_row_norms(x)
+    assert runtime.input_row_norms(x) is first
     torch.testing.assert_close(first, torch.linalg.vector_norm(x.reshape(-1, 5), dim=1))
     x.mul_(2.0)  # an in-place change bumps the version: recomputed
-    torch.testing.assert_close(state.input_row_norms(x), 2 * first)
-    state.forget_inputs()
-    assert state._input_norms is None
+    doubled = runtime.input_row_norms(x)
+    torch.testing.assert_close(doubled, 2 * first)
+    runtime.forget_inputs()  # after a forward: the next input's norms are taken afresh
+    assert runtime.input_row_norms(x) is not doubled

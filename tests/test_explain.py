@@ -147,6 +147,6 @@ def test_attach_logs_a_one_line_summary(caplog):
 
 
 def test_explain_docstring_example_runs():
-    module = importlib.import_module("vcas.explain")
+    module = importlib.import_module("vcas.plan.explain")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -1,12 +1,20 @@
-"""vcas: unbiased sampled backpropagation with variance-controlled adaptive sampling (VCAS)."""
+"""vcas: unbiased sampled backpropagation with variance-controlled adaptive sampling (VCAS).
 
+    import vcas
+    controller = vcas.attach(model, vcas.VCASConfig(), optimizer=optimizer)
+    ...                                  # train as usual
+    print(controller.stats()["sampling_train_flops_reduction"])
+"""
+
+from ._version import __version__
 from .config import VCASConfig
-from .controller import Controller, attach
+from .control.controller import Controller, attach
 from .errors import AttachError, BlockDetectionError, ConfigError, StateDictError, VCASError
-from .explain import Explanation, explain
-from .outputs import BatchLayoutError
+from .install.registry import DEFAULT_SITES, SiteRegistry
+from .ops.linear import LinearKind
+from .plan.explain import Explanation, explain
+from .plan.outputs import BatchLayoutError
 
-__all__ = ["VCASConfig", "Controller", "attach", "VCASError", "ConfigError",
-           "BlockDetectionError", "AttachError", "StateDictError", "explain", "Explanation",
-           "BatchLayoutError"]
-__version__ = "0.1.0"
+__all__ = ["VCASConfig", "Controller", "attach", "explain", "Explanation", "DEFAULT_SITES",
+           "SiteRegistry", "LinearKind", "VCASError", "ConfigError", "BlockDetectionError",
+           "AttachError", "StateDictError", "BatchLayoutError", "__version__"]

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from ..controller import Controller
+from ..control.controller import Controller
 
 
 def calibration_batches(loader: DataLoader, batch_size: int, seed: int) -> Iterator[Any]:

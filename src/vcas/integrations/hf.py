@@ -10,7 +10,7 @@ The callback only delegates to the methods a plain loop calls: it attaches at th
 training, calls ``maybe_calibrate`` once per optimizer step (``on_step_end``, so gradient
 accumulation counts optimizer steps, not micro-batches) and adds :func:`~vcas.integrations.metrics`
 to the Trainer's training logs. Under DDP (``torchrun``/``accelerate launch``) every rank runs it;
-the controllers stay identical (see :mod:`vcas.distributed`).
+the controllers stay identical (see :mod:`vcas.control.distributed`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .. import distributed
+from ..control import distributed
 from ..config import VCASConfig
-from ..controller import Controller, attach
+from ..control.controller import Controller, attach
 from .common import calibration_batches, metrics, to_device
 
 __all__ = ["VCASCallback"]

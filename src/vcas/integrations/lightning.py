@@ -9,7 +9,7 @@ The callback only delegates to the methods a plain loop calls: it attaches when 
 calls ``maybe_calibrate`` once per optimizer step (so ``accumulate_grad_batches`` counts optimizer
 steps, not micro-batches), logs :func:`~vcas.integrations.metrics` with ``pl_module.log_dict``,
 and saves the controller in Lightning checkpoints. Under the DDP strategy every rank runs it; the
-controllers stay identical (see :mod:`vcas.distributed`).
+controllers stay identical (see :mod:`vcas.control.distributed`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterable, Iterator
 import lightning.pytorch as pl
 import torch
 
-from .. import distributed
+from ..control import distributed
 from ..config import VCASConfig
-from ..controller import Controller, attach
+from ..control.controller import Controller, attach
 from .common import calibration_batches, loader_batch_size, metrics
 
 __all__ = ["VCASCallback"]

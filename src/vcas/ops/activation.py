@@ -1,7 +1,8 @@
 """SampleA: importance sampling of the activation gradient over samples at block outputs.
 
-The sampler reads the :class:`~vcas.state.SamplingState` at backward time, so one forward graph
-can be backpropagated exactly, then with sampling (the calibration does this with ``retain_graph``).
+The sampler reads the runtime's mode and ratios at backward time, so one forward graph can be
+backpropagated exactly, then with sampling (the paper's calibration does this with
+``retain_graph``).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from typing import Any
 
 import torch
 
-from ..outputs import find_hidden_state
+from ..plan.outputs import find_hidden_state
+from ..runtime.runtime import Runtime
 from ..sampling import bernoulli_weights, capped_proportional_probs
-from ..state import SamplingState
 
 
 def per_sample_norms(grad: torch.Tensor) -> torch.Tensor:
@@ -20,46 +21,50 @@ def per_sample_norms(grad: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1, dtype=torch.float32)
 
 
-def finite_norms(norms: torch.Tensor, state: SamplingState) -> bool:
-    """Whether every norm is finite; a non-finite gradient is counted in
-    ``state.nonfinite_gradients`` and passes through exactly (sampling would only hide it)."""
+def finite_norms(norms: torch.Tensor, runtime: Runtime) -> bool:
+    """Whether every norm is finite; a non-finite gradient is counted in the runtime and
+    passes through exactly (sampling would only hide it)."""
     if bool(torch.isfinite(norms).all()):
         return True
-    state.nonfinite_gradients += 1
+    runtime.count_nonfinite()
     return False
 
 
 def nonzero_rows(norms: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the rows (or samples) whose finite gradient norm is non-zero, the work a
-    sampled op must do; ``None`` stands for all of them."""
+    """Indices of the rows (or samples) whose gradient norm is non-zero, the work a sampled op
+    must do; ``None`` stands for all of them."""
     indices = torch.nonzero(norms).squeeze(1)
     return None if indices.numel() == norms.numel() else indices
 
 
-def nonzero_indices(norms: torch.Tensor, state: SamplingState) -> torch.Tensor | None:
+def nonzero_indices(norms: torch.Tensor, runtime: Runtime) -> torch.Tensor | None:
     """:func:`nonzero_rows`, and ``None`` (all rows, exactly) for a non-finite gradient."""
-    return nonzero_rows(norms) if finite_norms(norms, state) else None
+    return nonzero_rows(norms) if finite_norms(norms, runtime) else None
 
 
 class BlockSampler:
-    """SampleA at one block's output: a forward hook that hooks the hidden state's gradient."""
+    """SampleA at one block's output: a forward hook that hooks the hidden state's gradient.
 
-    def __init__(self, index: int, name: str, state: SamplingState,
-                 above: int | None = None) -> None:
-        self.index = index
+    Args:
+        name: the block's qualified name (its key in the ratio table).
+        runtime: the controller's runtime.
+        above: the block whose sampler the gradient passed first (the next block of the same
+            stack), or None at the top of a stack (design note "stacks" in
+            :mod:`vcas.plan.discovery`).
+    """
+
+    def __init__(self, name: str, runtime: Runtime, above: str | None = None) -> None:
         self.name = name
-        self.state = state
-        # The block whose sampler the gradient passed first; None at the top of a stack
-        # (design note "stacks" in vcas.discovery).
+        self.runtime = runtime
         self.above = above
-        self.recorded_norms: list[torch.Tensor] = []
 
     def forward_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if not (self.state.enabled and torch.is_grad_enabled()):
+        mode = self.runtime.mode
+        if not (mode.enabled and torch.is_grad_enabled()):
             return
-        if self.state.record_samples:
-            # The backward that follows starts above every block, with a fresh set of norms.
-            self.state.last_block, self.state.pass_norms = None, {}
+        if mode.record_samples:
+            # The backward that follows starts above every block, in a fresh recording pass.
+            self.runtime.recorder.start_pass()
         hidden = find_hidden_state(output)
         if hidden is None or not hidden.requires_grad:
             return
@@ -69,22 +74,29 @@ class BlockSampler:
                 "needs a batch-first tensor. Name other blocks with attach(..., blocks=[...]).")
         hidden.register_hook(self.sample_gradient)
 
+    def keep_ratio(self) -> float | None:
+        """This pass's keep ratio, or None where it samples nothing (at or above the ratio
+        of the block above, whose sampler already dropped what it had to)."""
+        mode, ratios = self.runtime.mode, self.runtime.ratios
+        ratio = ratios.act[self.name]
+        above = 1.0 if self.above is None else ratios.act[self.above]
+        return ratio if mode.sample_acts and ratio < above else None
+
     def sample_gradient(self, grad: torch.Tensor) -> torch.Tensor | None:
-        state = self.state
-        if not state.enabled or grad is None:
+        runtime = self.runtime
+        mode = runtime.mode
+        if not mode.enabled or grad is None:
+            return None
+        ratio = self.keep_ratio()
+        if ratio is None and not (mode.record_norms or mode.record_samples):
             return None
         norms = per_sample_norms(grad)
-        if not finite_norms(norms, state):
+        if not finite_norms(norms, runtime):
             return None
-        if state.record_norms:
-            self.recorded_norms.append(norms.detach().cpu())
-        if state.record_samples:
-            state.last_block = self.index
-            state.pass_norms[self.index] = norms.detach().cpu()
-        ratio = state.act_ratios[self.index]
-        above = 1.0 if self.above is None else state.act_ratios[self.above]
-        if not state.sample_acts or ratio >= above:
+        if mode.record_norms or mode.record_samples:
+            runtime.recorder.block_norms(self.name, norms, samples=mode.record_samples)
+        if ratio is None:
             return None
         probs = capped_proportional_probs(norms, ratio * grad.shape[0])
-        weights = bernoulli_weights(probs, state.generator(grad.device))
+        weights = bernoulli_weights(probs, runtime.generators.for_device(grad.device))
         return grad * weights.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))

@@ -4,7 +4,7 @@ After activation sampling the dropped samples carry exactly zero gradient, so a 
 compute its input and weight gradients from the other samples alone and give the same result.
 Which samples to skip is read from the gradient that arrives, never assumed: after a BatchNorm in
 training mode the dropped samples have non-zero gradients again and nothing is skipped
-(METHOD.md section 4). Weight-gradient sampling (SampleW) is defined for linear layers only.
+. Weight-gradient sampling (SampleW) is defined for linear layers only.
 
 Plain ``nn.Conv1d/2d/3d`` call the sampled op directly. Subclasses with their own forward
 (TensorFlow-style "same" padding in EfficientNet, weight standardisation) run their forward with
@@ -22,48 +22,68 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..accounting import CALIBRATION, FlopBucket
-from ..state import SamplingState
+from ..accounting import FlopBucket
+from ..runtime.mode import CALIBRATION
+from ..runtime.runtime import Runtime
 from .activation import nonzero_indices, per_sample_norms
 from .autocast import autocast_inputs
-from .records import SampleRecord, summarize
 
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
 _ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
+class ConvKind:
+    """The registry entry of ``nn.Conv1d/2d/3d`` and their subclasses."""
+
+    kind = "conv"
+
+    def weight_of(self, module: nn.Module) -> torch.Tensor:
+        return module.weight
+
+    def build(self, name: str, module: nn.Module, runtime: Runtime, *,
+              weight_sampled: bool) -> "ConvSite":
+        return ConvSite(name, module, runtime)
+
+
 class ConvSite:
     """A convolution whose backward skips zero-gradient samples; installed as the module's ``forward``."""
 
-    def __init__(self, index: int, name: str, module: nn.Module, state: SamplingState) -> None:
-        self.index = index
+    kind = "conv"
+
+    def __init__(self, name: str, module: nn.Module, runtime: Runtime) -> None:
         self.name = name
         self.module = module
-        self.state = state
+        self.runtime = runtime
         self.original_forward: Callable[..., torch.Tensor] = type(module).forward.__get__(module)
         self.direct = type(module) in _PLAIN and module.padding_mode == "zeros"
-        self.subset: torch.Tensor | None = None  # as in LinearSite
-        self.sample_records: list[SampleRecord] = []
+        self.weight_sampled = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    def records_samples(self) -> bool:
+        return self.runtime.mode.record_samples and self.name in self.runtime.recorder.probes
 
     def record_samples(self, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                        geometry: tuple, per_sample_flops: float) -> None:
-        """Append this pass's per-sample weight-gradient entries on the subset (exact passes
+        """Record this pass's per-sample weight-gradient entries on the probe (exact passes
         only), one sample at a time: one extra weight-gradient product, on calibration steps."""
-        subset = self.subset.to(weight.device)
+        subset = self.runtime.recorder.probes[self.name].index.to(weight.device)
         mask = (False, True, False)
         contributions = torch.stack([
             _convolution_backward(grad_out[i:i + 1], x[i:i + 1], weight, geometry, mask)[1]
             .reshape(-1).index_select(0, subset).float() for i in range(x.shape[0])])
-        self.sample_records.append(summarize(contributions, self.state))
+        self.runtime.recorder.layer_samples(self.name, contributions)
         extra = FlopBucket(backward_done=per_sample_flops * grad_out.shape[0])
-        self.state.tally.bucket(CALIBRATION).add(extra)
+        self.runtime.tally.bucket(CALIBRATION).add(extra)
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         # A compact block's graph-free forward and its re-run go through the sampled op too,
-        # which records the output and replays it (vcas.ops.compact).
-        replaying = self.state.replay is not None
-        if not (self.state.enabled and (torch.is_grad_enabled() or replaying)):
+        # which records the output and replays it (vcas.ops.recompute).
+        replaying = self.runtime.replay is not None
+        if not (self.runtime.mode.enabled and (torch.is_grad_enabled() or replaying)):
             return self.original_forward(*args, **kwargs)
         if self.direct:
             m = self.module
@@ -101,19 +121,23 @@ def sampled_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     input, padding = _explicit_padding(input, weight, padding, dilation)
     input, weight, bias = autocast_inputs(input, weight, bias)
     geometry = (stride, padding, dilation, groups)
-    replay = site.state.replay
-    recorded = None
-    if replay is not None and replay.recording:  # a compact block's graph-free forward
-        out = _convolution(input, weight, bias, geometry)
-        site.state.count_forward(conv_flops(out.shape[1:], weight) * out.shape[0])
-        replay.record_output(out)
-        return out
-    if replay is not None:  # its re-run: the recorded output, for the kept samples
-        recorded = replay.replayed_output(input.shape[0])
-        if not torch.is_grad_enabled():
-            return recorded
-    with torch.autocast(input.device.type, enabled=False):
-        return _SampledConvFunction.apply(input, weight, bias, geometry, site, recorded)
+
+    def graph(recorded: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(input.device.type, enabled=False):
+            return _SampledConvFunction.apply(input, weight, bias, geometry, site, recorded)
+
+    replay = site.runtime.replay
+    if replay is None:
+        return graph()
+
+    def compute() -> torch.Tensor:
+        return _convolution(input, weight, bias, geometry)
+
+    def flops(out: torch.Tensor) -> float:
+        return conv_flops(out.shape[1:], weight) * out.shape[0]
+
+    # A compact block records the output in its forward and replays it in its re-run.
+    return replay.layer_output(compute, flops, input.shape[0], None, graph)  # type: ignore[attr-defined]
 
 
 def _convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -140,7 +164,7 @@ class _SampledConvFunction(torch.autograd.Function):
         ctx.geometry, ctx.site, ctx.has_bias = geometry, site, bias is not None
         ctx.per_sample = conv_flops(out.shape[1:], weight)
         if recorded is None:
-            site.state.count_forward(ctx.per_sample * out.shape[0])
+            site.runtime.count_forward(ctx.per_sample * out.shape[0])
         return out
 
     @staticmethod
@@ -148,7 +172,7 @@ class _SampledConvFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
-        rows = nonzero_indices(per_sample_norms(grad_out), ctx.site.state)
+        rows = nonzero_indices(per_sample_norms(grad_out), ctx.site.runtime)
         n_rows = grad_out.shape[0] if rows is None else rows.numel()
         grad_x = grad_w = grad_b = None
         if n_rows > 0 and (need_x or need_w or need_b):
@@ -163,11 +187,14 @@ class _SampledConvFunction(torch.autograd.Function):
         if need_b and grad_b is None:
             grad_b = grad_out.new_zeros(grad_out.shape[1])
         products = int(need_x) + int(need_w)
-        flops = FlopBucket(backward_exact=ctx.per_sample * grad_out.shape[0] * products,
-                           backward_done=ctx.per_sample * n_rows * products)
         site = ctx.site
-        site.state.count_backward(flops)
-        if need_w and site.state.record_samples and site.subset is not None:
+        exact = ctx.per_sample * grad_out.shape[0] * products
+        # Without sampling every sample reaches a convolution (a sample whose gradient is zero
+        # here was dropped above): the zero-row reference is the exact backward.
+        flops = FlopBucket(backward_exact=exact, backward_nonzero=exact,
+                           backward_done=ctx.per_sample * n_rows * products)
+        site.runtime.count_backward(flops)
+        if need_w and site.records_samples():
             site.record_samples(grad_out, x, weight, ctx.geometry, ctx.per_sample)
         return grad_x, grad_w, grad_b, None, None, None
 

@@ -1,140 +1,208 @@
-"""SampleW: the sampled linear backward (METHOD.md section 4).
+"""SampleW: the sampled linear backward.
 
 The input gradient is computed only for rows whose incoming gradient is non-zero (decided from
 the gradient that arrives, never assumed); the weight gradient is leverage-score sampled over the
-non-zero rows when the layer's keep ratio is below 1. The bias gradient stays exact.
+non-zero rows when the layer's keep ratio is below 1. The bias gradient stays exact. A layer
+whose weight is frozen computes no weight gradient and keeps no input for one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..accounting import CALIBRATION, FlopBucket
+from ..accounting import FlopBucket
+from ..runtime.mode import CALIBRATION
+from ..runtime.runtime import Runtime
 from ..sampling import bernoulli_keep, capped_proportional_probs, finite_capped_vector
-from ..state import SamplingState
 from .activation import nonzero_rows
 from .autocast import autocast_inputs
-from .records import SampleRecord, linear_contributions, summarize
+from .records import linear_contributions
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearKind:
+    """How to read a linear-like module: ``y = x @ weight(m).T + bias(m)``.
+
+    Attributes:
+        weight: the module's weight parameter, (out, in) (or (in, out) when ``transposed``).
+        bias: the module's bias, or None.
+        transposed: the weight is stored as (in, out), like transformers' ``Conv1D``.
+    """
+
+    weight: Callable[[nn.Module], torch.Tensor] = lambda m: m.weight
+    bias: Callable[[nn.Module], torch.Tensor | None] = lambda m: m.bias
+    transposed: bool = False
+
+    kind = "linear"
+
+    def weight_of(self, module: nn.Module) -> torch.Tensor:
+        return self.weight(module)
+
+    def build(self, name: str, module: nn.Module, runtime: Runtime, *,
+              weight_sampled: bool) -> "LinearSite":
+        return LinearSite(name, module, runtime, self, weight_sampled=weight_sampled)
 
 
 class LinearSite:
     """A linear layer whose backward is sampled; installed as the module's ``forward``.
 
-    ``transposed`` marks layers that store the weight as (in, out), like transformers' Conv1D.
+    Args:
+        name: the layer's qualified name (its key in the ratio table and the recorder).
+        module: the layer.
+        runtime: the controller's runtime.
+        layout: how to read the module's weight and bias.
+        weight_sampled: whether the controllers may sample this layer's weight gradient (they
+            leave small layers exact); only then do calibrations record its SampleW row scores.
     """
 
-    def __init__(self, index: int, name: str, module: torch.nn.Module, state: SamplingState,
-                 transposed: bool = False) -> None:
-        self.index = index
+    kind = "linear"
+
+    def __init__(self, name: str, module: nn.Module, runtime: Runtime, layout: LinearKind,
+                 *, weight_sampled: bool = True) -> None:
         self.name = name
         self.module = module
-        self.state = state
-        self.transposed = transposed
+        self.runtime = runtime
+        self.layout = layout
+        self.weight_sampled = weight_sampled
         self.original_forward: Callable[..., torch.Tensor] = type(module).forward.__get__(module)
-        # The autograd function of the sampled op; the benchmark swaps in its naive variant.
-        self.function: type[torch.autograd.Function] = _SampledLinearFunction
-        self.recorded_scores: list[torch.Tensor] = []
-        # The weight slices whose per-sample gradients are recorded (set by the controller for
-        # measured weights; see vcas.ops.records), and the records of the current calibration.
-        self.slices: tuple[int, torch.Tensor] | None = None
-        self.sample_records: list[SampleRecord] = []
-        # Whether the controller may sample this layer's weight gradient (it leaves small ones
-        # exact): only then do calibrations record its SampleW row scores.
-        self.scored = True
+        # Rows per sample with a non-zero gradient the last time samples reached this layer:
+        # the zero-row reference for a pass in which every sample was dropped above.
+        self.rows_per_sample: float | None = None
 
-    def record_samples(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
-        """Append this pass's per-sample statistics on the slices (exact passes only)."""
-        contributions = linear_contributions(grad_out, x, self.slices)
-        self.sample_records.append(summarize(contributions, self.state))
-        extra = FlopBucket(backward_done=2.0 * _rows(x) * contributions.shape[1])
-        self.state.tally.bucket(CALIBRATION).add(extra)
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.layout.weight(self.module)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0 if not self.layout.transposed else 1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        state = self.state
-        replay = state.replay if state.enabled else None
-        recorded = None
-        if replay is not None and not replay.recording:
-            # A compact block's re-run: the output its forward computed, for the kept samples.
-            out_features = self.module.weight.shape[1 if self.transposed else 0]
-            recorded = replay.replayed_output(x.shape[0] if x.dim() else 1, x.shape[:-1] + (out_features,))
-            if not torch.is_grad_enabled():
-                return recorded
-        if not (state.enabled and torch.is_grad_enabled()):
-            out = self.original_forward(x)
-            if replay is not None:  # a compact block's graph-free forward
-                state.count_forward(2.0 * _rows(x) * self.module.weight.numel())
-                replay.record_output(out)
-            return out
-        weight = self.module.weight
-        if self.transposed:
-            weight = weight.t()
-        return sampled_linear(x, weight, self.module.bias, self, recorded)
+        runtime = self.runtime
+        if not runtime.mode.enabled:
+            return self.original_forward(x)
+        replay = runtime.replay
+        if replay is not None:  # a compactly recomputed block records or re-runs its forward
+            flops = 2.0 * _rows(x) * self.weight.numel()
+            shape = x.shape[:-1] + (self.out_features,)
+            return replay.layer_output(  # type: ignore[attr-defined]
+                lambda: self.original_forward(x), lambda out: flops, x.shape[0] if x.dim() else 1,
+                shape, lambda recorded: self.sampled(x, recorded))
+        if not torch.is_grad_enabled():
+            return self.original_forward(x)
+        return self.sampled(x)
 
+    def sampled(self, x: torch.Tensor, recorded: torch.Tensor | None = None) -> torch.Tensor:
+        """``F.linear`` whose backward skips zero rows and samples the weight-gradient rows.
 
-def sampled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   site: LinearSite, recorded: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` whose backward skips zero rows and samples the weight-gradient rows.
+        ``recorded``: the output, already computed (by a compact block's forward) for this input."""
+        weight = self.weight.t() if self.layout.transposed else self.weight
+        x, weight, bias = autocast_inputs(x, weight, self.layout.bias(self.module))
+        with torch.autocast(x.device.type, enabled=False):
+            return _SampledLinearFunction.apply(x, weight, bias, self, recorded)
 
-    ``recorded``: the output, already computed (by a compact block's forward) for this input."""
-    x, weight, bias = autocast_inputs(x, weight, bias)
-    with torch.autocast(x.device.type, enabled=False):
-        return site.function.apply(x, weight, bias, site, recorded)
+    # ------------------------------------------------------------------ backward decisions
+    def samples_weight(self) -> bool:
+        """Whether this pass samples the layer's weight gradient."""
+        return self.runtime.mode.sample_weights and self.runtime.ratios.weight[self.name] < 1.0
+
+    def scores_rows(self) -> bool:
+        """Whether the weight gradient needs the SampleW row scores (sampling, or recording them)."""
+        return (self.runtime.mode.record_row_scores and self.weight_sampled) or self.samples_weight()
+
+    def records_samples(self) -> bool:
+        return self.runtime.mode.record_samples and self.name in self.runtime.recorder.probes
+
+    def record_samples(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+        """Record this pass's per-sample contributions on the probe (exact passes only)."""
+        contributions = linear_contributions(grad_out, x, self.runtime.recorder.probes[self.name])
+        self.runtime.recorder.layer_samples(self.name, contributions)
+        extra = FlopBucket(backward_done=2.0 * _rows(x) * contributions.shape[1])
+        self.runtime.tally.bucket(CALIBRATION).add(extra)
+
+    def nonzero_reference(self, row_norms: torch.Tensor, n_nonzero: int, samples: int) -> float:
+        """Rows an exact backward that skips zero rows would have computed: the non-zero rows,
+        with every sample that reaches no row here (dropped above) counted at the mean density
+        of the samples that do."""
+        rows = row_norms.numel()
+        if samples <= 1 or rows % samples:
+            return float(n_nonzero if n_nonzero else rows)
+        if n_nonzero == rows:
+            self.rows_per_sample = rows / samples
+            return float(rows)
+        alive = int((row_norms.view(samples, -1) != 0).any(1).sum())
+        if alive == 0:
+            return samples * (self.rows_per_sample if self.rows_per_sample is not None else rows / samples)
+        self.rows_per_sample = n_nonzero / alive
+        return n_nonzero * samples / alive
 
 
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.dim() else 1
 
 
+def _samples(x: torch.Tensor) -> int:
+    return x.shape[0] if x.dim() > 1 else 1
+
+
 class _SampledLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 site: LinearSite, recorded: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+        needs_weight_grad = ctx.needs_input_grad[1]
+        # A frozen weight needs no weight gradient: the input is not kept for one.
+        ctx.save_for_backward(x if needs_weight_grad else None, weight)
         ctx.site = site
         ctx.has_bias = bias is not None
+        ctx.input_shape, ctx.samples = x.shape, _samples(x)
         # The input's row norms for SampleW's scores, taken while the input is still in cache
         # (in the backward it is read cold: twice the time on a CPU).
-        sampled = ctx.needs_input_grad[1] and _samples_weight(site)
-        ctx.x_norms = site.state.input_row_norms(x) if sampled else None
+        sampled = needs_weight_grad and site.samples_weight()
+        ctx.x_norms = site.runtime.input_row_norms(x) if sampled else None
         if recorded is not None:
             return recorded
-        site.state.count_forward(2.0 * _rows(x) * weight.numel())
+        site.runtime.count_forward(2.0 * _rows(x) * weight.numel())
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         site: LinearSite = ctx.site
+        runtime = site.runtime
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gy = grad_out.reshape(-1, grad_out.shape[-1])
-        xs = x.reshape(-1, x.shape[-1])
         flops = FlopBucket()
         per_row = 2.0 * weight.numel()
-        flops.backward_exact = per_row * gy.shape[0] * (int(need_x) + int(need_w))
+        products = int(need_x) + int(need_w)
+        flops.backward_exact = per_row * gy.shape[0] * products
 
         row_norms = _row_norms(gy)
         # Rows with a non-finite norm count as non-zero, so they pass exactly.
         rows = nonzero_rows(row_norms)
         n_nonzero = gy.shape[0] if rows is None else rows.numel()
-        if n_nonzero > site.state.gather_below * gy.shape[0]:
+        flops.backward_nonzero = per_row * products * site.nonzero_reference(row_norms, n_nonzero, ctx.samples)
+        if n_nonzero > runtime.gather_below * gy.shape[0]:
             rows = None  # nearly every row is non-zero: the dense products cost less than gathering
         # The non-zero rows, gathered once for both products.
         g_rows = gy if rows is None else gy.index_select(0, rows)
 
         grad_x = None
         if need_x:
-            grad_x = _input_grad(g_rows, weight, rows, gy.shape[0]).reshape(x.shape)
+            grad_x = _input_grad(g_rows, weight, rows, gy.shape[0]).reshape(ctx.input_shape)
             flops.backward_done += per_row * g_rows.shape[0]
         grad_w = None
         if need_w:
+            xs = x.reshape(-1, x.shape[-1])
             grad_w, n_kept = _weight_grad(g_rows, xs, row_norms, rows, n_nonzero, site, ctx.x_norms)
             flops.backward_done += per_row * n_kept
         grad_b = g_rows.sum(0) if (need_b and ctx.has_bias) else None
-        site.state.count_backward(flops)
-        if need_w and site.state.record_samples and site.slices is not None:
+        runtime.count_backward(flops)
+        if need_w and site.records_samples():
             site.record_samples(grad_out, x)
         return grad_x, grad_w, grad_b, None, None
 
@@ -147,42 +215,33 @@ def _input_grad(g_rows: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor |
     return grad.index_copy_(0, rows, g_rows @ weight)
 
 
-def _samples_weight(site: LinearSite) -> bool:
-    """Whether this pass samples the layer's weight gradient."""
-    return site.state.sample_weights and site.state.weight_ratios[site.index] < 1.0
-
-
-def _scores_rows(site: LinearSite) -> bool:
-    """Whether the weight gradient needs the SampleW row scores (sampling, or recording them)."""
-    return (site.state.record_row_scores and site.scored) or _samples_weight(site)
-
-
 def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor,
                  rows: torch.Tensor | None, n_nonzero: int, site: LinearSite,
                  x_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """dW from the non-zero rows, leverage-score sampled when the layer's ratio is below 1.
 
     Inputs are gathered once, for the rows finally used. A non-finite gradient is neither
-    sampled nor recorded (sampling would only hide it); it is counted in the state."""
-    state = site.state
+    sampled nor recorded (sampling would only hide it); it is counted in the runtime."""
+    runtime = site.runtime
     n = g_rows.shape[0]
-    if n == 0 or not _scores_rows(site):
+    if n == 0 or not site.scores_rows():
         return g_rows.t() @ _gather(xs, rows), n
     x_norms = _row_norms(xs) if x_norms is None else x_norms
     if rows is not None:
         x_norms, row_norms = x_norms.index_select(0, rows), row_norms.index_select(0, rows)
     scores = row_norms * x_norms
-    sample, record = _samples_weight(site), state.record_row_scores and site.scored
+    sample = site.samples_weight()
+    record = runtime.mode.record_row_scores and site.weight_sampled
     # nu is a fraction of the non-zero rows (without gathering, the zero rows are here too).
-    probs = _keep_probs(scores, state.weight_ratios[site.index] * n_nonzero) if sample else None
+    probs = _keep_probs(scores, runtime.ratios.weight[site.name] * n_nonzero) if sample else None
     finite = probs is not None if sample else (not record or bool(torch.isfinite(scores).all()))
     if not finite:
-        state.nonfinite_gradients += 1
+        runtime.count_nonfinite()
     elif record:
-        site.recorded_scores.append(scores.detach().cpu())
+        runtime.recorder.row_scores(site.name, scores)
     if probs is None:
         return g_rows.t() @ _gather(xs, rows), n
-    kept, weights = bernoulli_keep(probs, state.generator(g_rows.device))
+    kept, weights = bernoulli_keep(probs, runtime.generators.for_device(g_rows.device))
     scaled = g_rows.index_select(0, kept) * weights.to(g_rows.dtype).unsqueeze(1)
     source = kept if rows is None else rows.index_select(0, kept)
     return scaled.t() @ xs.index_select(0, source), kept.numel()

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .errors import ConfigError
+from vcas.errors import ConfigError
 
 
 def _check_keep(keep: float) -> None:

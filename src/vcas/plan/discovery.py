@@ -17,7 +17,8 @@ from typing import Callable, Iterable, Sequence, Union
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import BlockDetectionError, ConfigError
+from ..errors import BlockDetectionError, ConfigError
+from ..install.registry import DEFAULT_SITES, SiteKind, SiteRegistry
 
 BlockSpec = Union[None, type, tuple, Sequence[str]]
 ModulePredicate = Callable[[nn.Module, str], bool]
@@ -27,7 +28,34 @@ _HOW_TO_NAME = (
     "Name the blocks explicitly: attach(model, cfg, blocks=MyBlockClass), a tuple of classes, "
     "or a list of qualified module names such as ['encoder.layer.0', 'encoder.layer.1'].")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedSite:
+    """A layer whose backward vcas will compute.
+
+    Attributes:
+        name: qualified name.
+        module: the layer.
+        kind: the registry entry that builds its site (``kind.kind`` is "linear" or "conv").
+        block: the block that contains it, or None for a layer opted in with ``include=``.
+        trainable: whether its weight requires a gradient (a frozen weight gets none: only the
+            input gradient is computed, sampled through the activation samplers above it).
+    """
+
+    name: str
+    module: nn.Module
+    kind: SiteKind
+    block: str | None
+    trainable: bool
+
+    @property
+    def is_linear(self) -> bool:
+        return self.kind.kind == "linear"
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.kind.weight_of(self.module)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,32 +64,43 @@ class Plan:
 
     Attributes:
         blocks: (name, module) of each block whose output gradient is sampled, input side first.
-        above: per block, the index of the block whose sampler the gradient passed first
-            (the next block of the same stack), or None for the top of a stack.
-        linears: (name, module, transposed) of the linear layers whose backward is sampled.
-        convs: (name, module) of the convolutions that skip samples with a zero gradient.
+        above: per block name, the block whose sampler the gradient passed first (the next
+            block of the same stack), or None for the top of a stack.
+        sites: the layers whose backward vcas computes, in module order.
         exact: (name, module, reason) of the layers whose backward stays exact.
         mixing: (name, module) of modules inside blocks that mix samples in their backward.
     """
 
-    blocks: list[tuple[str, nn.Module]]
-    above: list[int | None]
-    linears: list[tuple[str, nn.Module, bool]]
-    convs: list[tuple[str, nn.Module]]
-    exact: list[tuple[str, nn.Module, str]]
-    mixing: list[tuple[str, nn.Module]]
+    blocks: tuple[tuple[str, nn.Module], ...]
+    above: dict[str, str | None]
+    sites: tuple[PlannedSite, ...]
+    exact: tuple[tuple[str, nn.Module, str], ...]
+    mixing: tuple[tuple[str, nn.Module], ...]
+
+    @property
+    def block_names(self) -> list[str]:
+        return [name for name, _ in self.blocks]
+
+    @property
+    def linears(self) -> list[PlannedSite]:
+        return [site for site in self.sites if site.is_linear]
+
+    @property
+    def convs(self) -> list[PlannedSite]:
+        return [site for site in self.sites if not site.is_linear]
 
 
 def plan_model(model: nn.Module, blocks: BlockSpec = None, *, include: ModuleFilter = None,
-               exclude: ModuleFilter = None) -> Plan:
+               exclude: ModuleFilter = None, sites: SiteRegistry = DEFAULT_SITES) -> Plan:
     """Decide the blocks and the sampled layers of ``model`` without modifying it.
 
-    A supported layer (``nn.Linear``, transformers' ``Conv1D``, ``nn.Conv1d/2d/3d``) is sampled
-    when it lies inside a block or matches ``include``, unless it matches ``exclude``; a module
-    matches when it or a module containing it matches. Blocks that match ``exclude`` are not
-    sampled either. Filters are glob patterns over qualified names (``"encoder.*.attention.*"``;
-    a pattern also matches as a name suffix, so ``"classifier"`` matches ``"model.classifier"``)
-    or a predicate ``fn(module, qualified_name) -> bool``.
+    A layer of a kind in ``sites`` (by default ``nn.Linear``, transformers' ``Conv1D``,
+    ``nn.Conv1d/2d/3d``) is sampled when it lies inside a block or matches ``include``, unless
+    it matches ``exclude``; a module matches when it or a module containing it matches. Blocks
+    that match ``exclude`` are not sampled either. Filters are glob patterns over qualified
+    names (``"encoder.*.attention.*"``; a pattern also matches as a name suffix, so
+    ``"classifier"`` matches ``"model.classifier"``) or a predicate
+    ``fn(module, qualified_name) -> bool``.
 
     Raises:
         BlockDetectionError: no blocks, an unknown block name, or sequence-first blocks.
@@ -77,64 +116,51 @@ def plan_model(model: nn.Module, blocks: BlockSpec = None, *, include: ModuleFil
             f"exclude={exclude!r} excludes every block of {type(model).__name__}; nothing is left "
             "to sample. Exclude fewer modules.")
     _check_batch_first(found)
-    inside = _block_members(found)
-    linears, convs, exact, mixing = [], [], [], []
+    owner = _block_owner(found)
+    planned, exact, mixing = [], [], []
     for name, module in model.named_modules():
-        in_block = name in inside
-        kind = layer_kind(module)
+        block = owner.get(name)
+        kind = sites.lookup(module)
         patched = "forward" in module.__dict__  # another library (or vcas) replaced its forward
-        wanted = in_block or name in included
+        wanted = block is not None or name in included
         if kind is not None and wanted and not patched and name not in excluded:
-            if kind == "conv":
-                convs.append((name, module))
-            else:
-                linears.append((name, module, kind == "transposed_linear"))
+            weight = kind.weight_of(module)
+            trainable = isinstance(weight, nn.Parameter) and weight.requires_grad
+            planned.append(PlannedSite(name, module, kind, block, trainable))
         elif kind is not None or _owns_parameters(module) or isinstance(module, _BatchNorm):
-            reason = _exact_reason(module, kind, in_block, name in excluded, patched)
+            reason = _exact_reason(module, kind is not None, block is not None, name in excluded, patched)
             exact.append((name, module, reason))
-        if in_block and isinstance(module, _BatchNorm):
+        if block is not None and isinstance(module, _BatchNorm):
             mixing.append((name, module))
-    return Plan(found, stack_above(found), linears, convs, exact, mixing)
+    return Plan(tuple(found), stack_above(found), tuple(planned), tuple(exact), tuple(mixing))
 
 
-def layer_kind(module: nn.Module) -> str | None:
-    """"linear", "transposed_linear", "conv", or None for a layer vcas does not sample."""
-    if type(module) is nn.Linear:
-        return "linear"
-    if is_transposed_linear(module):
-        return "transposed_linear"
-    if isinstance(module, _CONVS):
-        return "conv"
-    return None
-
-
-def is_transposed_linear(module: nn.Module) -> bool:
-    """transformers' Conv1D: a linear layer that stores its weight as (in, out)."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
-
-
-def stack_above(blocks: list[tuple[str, nn.Module]]) -> list[int | None]:
+def stack_above(blocks: list[tuple[str, nn.Module]]) -> dict[str, str | None]:
     """The next block of the same container, or None at the top of a stack (design note above)."""
-    parents = [name.rpartition(".")[0] for name, _ in blocks]
-    return [i + 1 if i + 1 < len(blocks) and parents[i + 1] == parents[i] else None
-            for i in range(len(blocks))]
+    names = [name for name, _ in blocks]
+    parents = [name.rpartition(".")[0] for name in names]
+    return {name: names[i + 1] if i + 1 < len(names) and parents[i + 1] == parents[i] else None
+            for i, name in enumerate(names)}
 
 
-def _exact_reason(module: nn.Module, kind: str | None, in_block: bool, excluded: bool,
+def _exact_reason(module: nn.Module, supported: bool, in_block: bool, excluded: bool,
                   patched: bool) -> str:
     if excluded:
         return "excluded by exclude="
-    if patched and kind is not None:
+    if patched and supported:
         return "has an instance-level forward already (vcas attached, or another library patched it)"
     if not in_block:
-        return ("outside the blocks; opt in with include=" if kind is not None
+        return ("outside the blocks; opt in with include=" if supported
                 else "outside the blocks")
+    if type(module).__module__.startswith("bitsandbytes"):
+        return (f"quantized layer ({type(module).__name__}, bitsandbytes): its backward stays "
+                "exact; the activation samplers above it still sample its input gradient")
     if isinstance(module, _BatchNorm):
         return ("batch statistics mix samples in its backward (training mode): dropped samples "
                 "get non-zero gradients again, so nothing is skipped below it")
     if isinstance(module, nn.Linear):
-        return f"subclass of nn.Linear ({type(module).__name__}) whose forward vcas does not know"
+        return (f"subclass of nn.Linear ({type(module).__name__}) whose forward vcas does not know; "
+                "register it with vcas.DEFAULT_SITES.register(...) if it is a plain linear layer")
     if isinstance(module, nn.MultiheadAttention):
         return "unsupported type: nn.MultiheadAttention computes its projections in one fused call"
     if "Norm" in type(module).__name__:
@@ -189,9 +215,9 @@ def _matched_subtrees(model: nn.Module, predicate: ModulePredicate | None) -> se
     return matched
 
 
-def _block_members(blocks: list[tuple[str, nn.Module]]) -> set[str]:
-    """Qualified names of the blocks and of every module inside them."""
-    return {f"{block_name}.{name}" if name else block_name
+def _block_owner(blocks: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """Qualified name of every module inside a block (the block included) -> the block's name."""
+    return {f"{block_name}.{name}" if name else block_name: block_name
             for block_name, block in blocks for name, _ in block.named_modules()}
 
 

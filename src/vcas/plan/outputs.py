@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .errors import BlockDetectionError
+from ..errors import BlockDetectionError
 
 
 class BatchLayoutError(BlockDetectionError):

@@ -7,8 +7,9 @@ from collections import Counter
 
 from torch import nn
 
-from .discovery import BlockSpec, ModuleFilter, Plan, plan_model
-from .distributed import unwrap_model
+from ..install.registry import DEFAULT_SITES, SiteRegistry
+from .discovery import BlockSpec, ModuleFilter, Plan, PlannedSite, plan_model
+from .wrappers import unwrap_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +29,10 @@ class Explanation:
         model: class name of the model.
         blocks: the blocks whose output gradient is sampled (SampleA), input side first.
         sampled: layers whose backward vcas computes: linear layers skip zero-gradient rows and
-            sample their weight gradient (SampleW); convolutions skip zero-gradient samples.
+            sample their weight gradient (SampleW) where it is trainable and large enough;
+            linear layers with a frozen weight compute only the input gradient (sampled through
+            the block samplers above them) and keep no input for a weight gradient;
+            convolutions skip zero-gradient samples.
         exact: parameterised modules whose backward stays exact, each with the reason.
         mixing: modules inside blocks that mix samples in their backward (BatchNorm in training
             mode); below them dropped samples have non-zero gradients again, so nothing is skipped
@@ -42,20 +46,17 @@ class Explanation:
     mixing: tuple[LayerReport, ...]
 
     @classmethod
-    def from_plan(cls, model: nn.Module, plan: Plan) -> "Explanation":
-        top = {i for i, above in enumerate(plan.above) if above is None}
-        blocks = tuple(_report(name, module, "block, top of its stack" if i in top else "block")
-                       for i, (name, module) in enumerate(plan.blocks))
-        linear_detail = "linear: skips zero-gradient rows, samples the weight gradient (SampleW)"
-        sampled = [_report(name, module, linear_detail) for name, module, _ in plan.linears]
-        sampled += [_report(name, module, "convolution: skips zero-gradient samples")
-                    for name, module in plan.convs]
-        order = {name: position for position, (name, _) in enumerate(model.named_modules())}
-        sampled.sort(key=lambda report: order.get(report.name, 0))
+    def from_plan(cls, model: nn.Module, plan: Plan, min_weight_numel: int = 0) -> "Explanation":
+        """The report of ``plan``; linears under ``min_weight_numel`` entries are reported with
+        an exact weight gradient, as the controllers leave them."""
+        blocks = tuple(_report(name, module, "block, top of its stack" if plan.above[name] is None else "block")
+                       for name, module in plan.blocks)
+        sampled = tuple(_report(site.name, site.module, _site_detail(site, min_weight_numel))
+                        for site in plan.sites)
         return cls(
             model=type(model).__name__,
             blocks=blocks,
-            sampled=tuple(sampled),
+            sampled=sampled,
             exact=tuple(_report(name, module, reason) for name, module, reason in plan.exact),
             mixing=tuple(_report(name, module, "mixes samples in its backward in training mode")
                          for name, module in plan.mixing))
@@ -76,9 +77,8 @@ class Explanation:
         lines = [f"vcas on {self.model}: {self.summary()}", "", "blocks (activation gradient sampled):"]
         lines += [f"  {r.name}  [{r.type_name}]" + ("  top of its stack" if "top" in r.detail else "")
                   for r in self.blocks]
-        lines += ["", "sampled layers (linear: zero-gradient rows skipped, weight gradient sampled; "
-                  "convolution: zero-gradient samples skipped):"]
-        lines += [f"  {r.name}  [{r.type_name}]" for r in self.sampled]
+        lines += ["", "sampled layers (zero-gradient rows or samples skipped in every one):"]
+        lines += [f"  {r.name}  [{r.type_name}]  {r.detail}" for r in self.sampled]
         lines += ["", "exact layers:"] + [f"  {r.name}  [{r.type_name}]  {r.detail}" for r in self.exact]
         if self.mixing:
             lines += ["", "sample-mixing modules inside blocks (nothing is skipped below them):"]
@@ -87,7 +87,8 @@ class Explanation:
 
 
 def explain(model: nn.Module, blocks: BlockSpec = None, *, include: ModuleFilter = None,
-            exclude: ModuleFilter = None) -> Explanation:
+            exclude: ModuleFilter = None, sites: SiteRegistry = DEFAULT_SITES,
+            min_weight_numel: int | None = None) -> Explanation:
     """What :func:`vcas.attach` with the same arguments would sample, without modifying ``model``.
 
     Args:
@@ -96,6 +97,9 @@ def explain(model: nn.Module, blocks: BlockSpec = None, *, include: ModuleFilter
         include: layers outside the blocks to sample as well: glob patterns over qualified names
             or a predicate ``fn(module, qualified_name) -> bool``.
         exclude: layers or blocks to leave exact, in the same forms.
+        sites: the registry of sampled layer kinds (as for :func:`vcas.attach`).
+        min_weight_numel: as ``VCASConfig.min_weight_numel`` (its default if ``None``): linears
+            with fewer weight entries keep an exact weight gradient.
     Raises:
         BlockDetectionError: no blocks found or a block spec that does not match.
         ConfigError: a filter pattern that matches no module.
@@ -108,8 +112,24 @@ def explain(model: nn.Module, blocks: BlockSpec = None, *, include: ModuleFilter
         >>> print(vcas.explain(model, blocks=["0", "1"]).summary())
         2 blocks (Sequential), 2 sampled layers (2 Linear), 0 exact; vcas.explain(model) lists them
     """
+    from ..config import VCASConfig
+
     model = unwrap_model(model)  # names as attach sees them, inside DDP / torch.compile wrappers
-    return Explanation.from_plan(model, plan_model(model, blocks, include=include, exclude=exclude))
+    threshold = VCASConfig().min_weight_numel if min_weight_numel is None else min_weight_numel
+    plan = plan_model(model, blocks, include=include, exclude=exclude, sites=sites)
+    return Explanation.from_plan(model, plan, threshold)
+
+
+def _site_detail(site: PlannedSite, min_weight_numel: int) -> str:
+    if not site.is_linear:
+        return "convolution: skips zero-gradient samples"
+    if not site.trainable:
+        return ("linear, frozen weight: input gradient only, on non-zero rows (sampled through "
+                "the block samplers above); no weight gradient, no input kept for one")
+    if site.weight.numel() < min_weight_numel:
+        return (f"linear: skips zero-gradient rows; weight gradient exact (fewer than "
+                f"min_weight_numel={min_weight_numel} entries)")
+    return "linear: skips zero-gradient rows, samples the weight gradient (SampleW)"
 
 
 def _report(name: str, module: nn.Module, detail: str) -> LayerReport:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import data
+from . import data
 
 
 class TaskError(ValueError):

@@ -1,141 +1,36 @@
-"""The adaptive controller's statistics and decision rules (``VCASConfig(controller="adaptive")``).
+"""Predicting the variance sampling adds, from what an adaptive calibration step recorded.
 
-The paper's controller spends 2 extra forwards and 6 extra backwards per update on separate
-batches, moves s by a fixed 0.01, and decides the direction from a two-batch variance estimate
-that jumps by orders of magnitude, so short runs stay near exact training. This controller:
+- Activation sampling: a sample kept with weight ``w_i`` (``1/p`` products along the nested
+  samplers) adds ``(E[w_i^2] - 1) ||c_i||^2`` to a layer's gradient variance, where ``c_i`` is
+  the sample's contribution to the layer's weight gradient. ``E[w_i^2]`` comes from simulating
+  the samplers on the recorded per-sample norms: exactly for the top sampler, by Monte Carlo
+  with common random numbers (a fixed generator) below, so a bisection sees a fixed function.
+- Weight sampling: the analytic SampleW variance of the recorded row scores, in closed form at
+  any keep ratio (:class:`vcas.sampling.SortedScores`).
 
-- Calibrates on the training step itself. A calibration step runs its backward exactly (its
-  gradient trains the model) and the sampled layers record, for a random 1 % of their weight
-  entries, each sample's contribution ``c_i`` to the weight gradient (:mod:`vcas.ops.records`);
-  the block samplers record the per-sample gradient norms. No extra forward or backward.
-- Estimates the SGD variance within the batch, from the spread of the ``c_i`` (``N - 1`` degrees
-  of freedom instead of the ``M - 1 = 1`` of two batch gradients).
-- Predicts the activation-sampling variance for any keep ratios without sampling: a sample
-  kept with weight ``w_i`` (``1/p`` products along the nested samplers) adds
-  ``(E[w_i^2] - 1) ||c_i||^2``. ``E[w_i^2]`` is computed by simulating the samplers on the
-  recorded norms (exactly for the top sampler, Monte Carlo with common random numbers below).
-- Solves for the smallest s whose predicted V_act stays within ``tau_act * V_sgd`` (bisection),
-  both pooled over the last few calibrations with geometrically decaying weights (ratio of
-  pooled sums, the quantity the bound is about), and each nu_l from the analytic SampleW variance
-  of the recorded row scores against ``tau_w * V_sgd,l``.
-- Jumps to the solution at the first calibration, then moves s within a trust region that grows
-  while moves agree and shrinks when they flip, and doubles the calibration interval while the
-  solution is stable.
-
+Blocks are named in the records; the simulation works on their positions in plan order, with
+``above[i]`` the position of the block whose sampler the gradient passed first (or None).
 Assumption: samples are independent in the backward (no BatchNorm in training mode between a
 sampler and the layers below it); the per-sample estimates are then unbiased.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
-from .calibration import Measurement
-from .ops.records import SampleRecord
-from .sampling import ShareSchedule, SortedScores, capped_proportional_probs
+from ..sampling import ShareSchedule, SortedScores, capped_proportional_probs
+from .statistics import CalibrationStats, Measurement
 
-# Calibrations pooled by the decision rule (older ones have decayed away anyway) ...
-MEMORY = 16
-# ... and only those of the last WINDOW x update_every steps: early in training the gradients
-# (and V_sgd) are much larger, and a calibration from then would dominate the pooled sums.
-WINDOW = 8
 # Monte Carlo draws of the samplers above a nested one (the top sampler is exact).
 SIMULATION_DRAWS = 64
 
 
-@dataclasses.dataclass
-class CalibrationStats:
-    """What one calibration step recorded.
-
-    Attributes:
-        layers: per measured weight, one :class:`SampleRecord` per backward pass.
-        scales: per measured weight, its number of entries over the subset size.
-        row_scores: per sampled linear, the SampleW row scores of each pass.
-        n_blocks: the model's number of sampled blocks (some may record nothing).
-    """
-
-    layers: list[list[SampleRecord]]
-    scales: list[float]
-    row_scores: list[list[torch.Tensor]]
-    n_blocks: int
-    _sgd_variances: list[float] | None = dataclasses.field(default=None, init=False, repr=False,
-                                                           compare=False)
-    _sorted_scores: dict[int, SortedScores] = dataclasses.field(default_factory=dict, init=False,
-                                                                repr=False, compare=False)
-
-    @property
-    def samples(self) -> int:
-        return max((sum(r.squared_norms.numel() for r in records) for records in self.layers), default=0)
-
-    def sgd_variances(self) -> list[float]:
-        """Per measured weight, the unbiased within-batch estimate of the variance of the
-        minibatch gradient: ``(N sum_i ||c_i||^2 - ||sum_i c_i||^2) / (N - 1)``, scaled up.
-        Computed once: the records do not change, and every later update pools them again."""
-        if self._sgd_variances is None:
-            self._sgd_variances = self._within_batch_variances()
-        return list(self._sgd_variances)
-
-    def sorted_scores(self, site: int) -> SortedScores:
-        """The SampleW row scores of one linear, a row per pass, sorted once."""
-        if site not in self._sorted_scores:
-            self._sorted_scores[site] = SortedScores(list(self.row_scores[site]))
-        return self._sorted_scores[site]
-
-    def _within_batch_variances(self) -> list[float]:
-        variances = []
-        for records, scale in zip(self.layers, self.scales):
-            n = sum(r.squared_norms.numel() for r in records)
-            if n < 2:
-                variances.append(0.0)
-                continue
-            squares = sum(float(r.squared_norms.sum()) for r in records)
-            total = float(sum(r.total for r in records).pow(2).sum())
-            variances.append(scale * max(0.0, n * squares - total) / (n - 1))
-        return variances
-
-    def excess_weights(self) -> list[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
-        """Per pass, its sampler norms and, per block, ``sum_l scale_l ||c_il||^2`` over the
-        layers below that block's sampler: the total predicted V_act is then one dot product
-        per pass and block, ``sum_i (E[w_i^2] - 1) * excess_i`` (what the bisection evaluates)."""
-        passes: dict[int, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
-        for records, scale in zip(self.layers, self.scales):
-            for record in records:
-                if record.block is None:
-                    continue
-                norms, sums = passes.setdefault(id(record.pass_norms), (record.pass_norms, {}))
-                weighted = scale * record.squared_norms
-                previous = sums.get(record.block)
-                sums[record.block] = weighted if previous is None else previous + weighted
-        return list(passes.values())
-
-    def block_norms(self) -> list[list[torch.Tensor | None]]:
-        """Per backward pass, per block: the per-sample gradient norms the samplers recorded."""
-        return [[norms.get(block) for block in range(self.n_blocks)] for norms in self._passes()]
-
-    def _passes(self) -> list[dict[int, torch.Tensor]]:
-        seen: dict[int, dict[int, torch.Tensor]] = {}
-        for records in self.layers:
-            for record in records:
-                seen.setdefault(id(record.pass_norms), record.pass_norms)
-        return [norms for norms in seen.values() if norms]
-
-    def state_dict(self) -> dict[str, Any]:
-        passes = self._passes()
-        index = {id(p): i for i, p in enumerate(passes)}
-        return {"passes": [dict(p) for p in passes], "scales": list(self.scales),
-                "row_scores": self.row_scores, "n_blocks": self.n_blocks,
-                "layers": [[(index.get(id(r.pass_norms)), r.block, r.squared_norms, r.total)
-                            for r in records] for records in self.layers]}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "CalibrationStats":
-        passes = [dict(p) for p in state["passes"]]
-        layers = [[SampleRecord(block, squares, total, passes[index] if index is not None else {})
-                   for index, block, squares, total in records] for records in state["layers"]]
-        return cls(layers, list(state["scales"]), state["row_scores"], int(state["n_blocks"]))
+def positions(norms: Mapping[str, torch.Tensor], blocks: Sequence[str]) -> dict[int, torch.Tensor]:
+    """A pass's norms keyed by block position instead of name (in the order recorded)."""
+    index = {name: i for i, name in enumerate(blocks)}
+    return {index[name]: value for name, value in norms.items()}
 
 
 def second_moments(norms: dict[int, torch.Tensor], above: Sequence[int | None],
@@ -222,23 +117,24 @@ def _stacked_moments(stacked: dict[int, torch.Tensor], above: Sequence[int | Non
 
 
 def act_variances(stats: CalibrationStats, above: Sequence[int | None],
-                  ratios: Sequence[float]) -> list[float]:
-    """Per measured weight, the variance activation sampling at ``ratios`` adds to its gradient
+                  ratios: Sequence[float]) -> dict[str, float]:
+    """Per measured layer, the variance activation sampling at ``ratios`` adds to its gradient
     on this calibration's samples: ``sum_i (E[w_i^2] - 1) ||c_i||^2`` (deterministic: each
     pass's simulation uses the same fixed seed, so bisection sees a fixed function)."""
-    passes = {id(r.pass_norms): r.pass_norms for records in stats.layers for r in records
-              if r.block is not None and r.pass_norms}
+    passes = {id(r.pass_norms): positions(r.pass_norms, stats.blocks)
+              for records in stats.layers.values() for r in records if r.block is not None and r.pass_norms}
     moments = dict(zip(passes, passes_second_moments(list(passes.values()), above, ratios)))
-    variances = []
-    for records, scale in zip(stats.layers, stats.scales):
+    index = {name: i for i, name in enumerate(stats.blocks)}
+    variances = {}
+    for name, records in stats.layers.items():
         total = 0.0
         for record in records:
             if record.block is None:
                 continue  # above every sampler: never sampled
-            moment = moments.get(id(record.pass_norms), {}).get(record.block)
+            moment = moments.get(id(record.pass_norms), {}).get(index[record.block])
             if moment is not None and moment.numel() == record.squared_norms.numel():
                 total += float((_added_variance_factor(moment) * record.squared_norms).sum())
-        variances.append(scale * total)
+        variances[name] = stats.scales[name] * total
     return variances
 
 
@@ -255,11 +151,11 @@ def _fixed_generator() -> torch.Generator:
 Pool = Sequence[tuple[float, CalibrationStats]]
 
 
-def pooled_sgd_variances(pool: Pool) -> list[float]:
-    """Per measured weight, the weighted sum of the calibrations' SGD variances."""
+def pooled_sgd_variances(pool: Pool) -> dict[str, float]:
+    """Per measured layer, the weighted sum of the calibrations' SGD variances."""
     weighted = [(weight, stats.sgd_variances()) for weight, stats in pool]
-    n_layers = len(weighted[0][1]) if weighted else 0
-    return [sum(weight * values[layer] for weight, values in weighted) for layer in range(n_layers)]
+    names = list(weighted[0][1]) if weighted else []
+    return {name: sum(weight * values[name] for weight, values in weighted) for name in names}
 
 
 def pooled_block_norms(pool: Pool) -> list[list[torch.Tensor | None]]:
@@ -278,8 +174,8 @@ class _PooledExcess:
     evaluation is a few tensor ops per group and block."""
 
     def __init__(self, pool: Pool) -> None:
-        passes = [(weight, norms, sums) for weight, stats in pool
-                  for norms, sums in stats.excess_weights()]
+        passes = [(weight, positions(norms, stats.blocks), positions(sums, stats.blocks))
+                  for weight, stats in pool for norms, sums in stats.excess_weights()]
         self.groups = []
         for indices in _same_signature([norms for _, norms, _ in passes]):
             group = [passes[i] for i in indices]
@@ -378,12 +274,12 @@ def _solve_nus(pooled: _WeightedScores, budgets: torch.Tensor, floor: float,
     return torch.where(at_floor, torch.full_like(high, floor), high)
 
 
-def solve_weight_ratios(pool: Pool, budgets: Sequence[float | None], floor: float) -> list[float]:
+def solve_weight_ratios(pool: Pool, budgets: Mapping[str, float | None], floor: float) -> dict[str, float]:
     """Each sampled linear's nu against its budget, on the pooled row scores (1 where the
     budget is ``None``: a layer whose weight gradient is not sampled). Each calibration's
     scores are sorted once, on first use, and pooled by every later update."""
-    sites = [site for site, budget in enumerate(budgets) if budget is not None]
-    ratios = [1.0] * len(budgets)
+    sites = [site for site, budget in budgets.items() if budget is not None]
+    ratios = {site: 1.0 for site in budgets}
     if not sites:
         return ratios
     pooled = _WeightedScores([[(w, stats.sorted_scores(site)) for w, stats in pool] for site in sites])
@@ -394,61 +290,10 @@ def solve_weight_ratios(pool: Pool, budgets: Sequence[float | None], floor: floa
 
 
 def summary(stats: CalibrationStats, above: Sequence[int | None], act_ratios: Sequence[float],
-            weight_ratios: Sequence[float]) -> Measurement:
+            weight_ratios: Mapping[str, float]) -> Measurement:
     """This calibration's variances at the new ratios, in the form ``Controller.stats`` reports."""
     return Measurement(
         stats.sgd_variances(), act_variances(stats, above, act_ratios),
-        [float(stats.sorted_scores(site).variances(nu).sum()) if nu < 1.0 else 0.0
-         for site, nu in enumerate(weight_ratios)],
-        stats.block_norms(), stats.row_scores, list(act_ratios))
-
-
-@dataclasses.dataclass
-class AdaptiveState:
-    """What the adaptive controller carries between calibrations (checkpointed)."""
-
-    history: list[CalibrationStats] = dataclasses.field(default_factory=list)  # newest last
-    steps: list[int] = dataclasses.field(default_factory=list)  # the training step of each
-    step: float = 0.1  # current trust region for moves of s
-    direction: int = 0  # sign of the last move of s
-    interval: int = 0
-    next_step: int = 1
-
-    def remember(self, stats: CalibrationStats, step: int, window: int) -> None:
-        """Add a calibration; forget all but the last MEMORY ones within ``window`` steps."""
-        recent = [i for i, seen in enumerate(self.steps) if step - seen <= window][-(MEMORY - 1):]
-        self.history = [self.history[i] for i in recent] + [stats]
-        self.steps = [self.steps[i] for i in recent] + [step]
-
-    def pool(self, decay: float) -> list[tuple[float, CalibrationStats]]:
-        """The remembered calibrations with weights ``decay ** age`` (newest: 1)."""
-        newest = len(self.history) - 1
-        return [(decay ** (newest - age), stats) for age, stats in enumerate(self.history)]
-
-    def move(self, s: float, target: float, smallest: float = 0.01, largest: float = 0.4) -> float:
-        """Move s toward the solved target within a trust region that doubles while moves agree
-        in direction and halves when they flip, so noisy targets cannot make s oscillate."""
-        direction = (target > s) - (target < s)
-        if direction:
-            agree = direction == self.direction
-            self.step = min(largest, 2 * self.step) if agree else max(smallest, self.step / 2)
-            self.direction = direction
-        return min(1.0, max(0.0, s + max(-self.step, min(self.step, target - s))))
-
-    def schedule_next(self, step: int, stable: bool, shortest: int, longest: int) -> None:
-        """Double the interval while the solution is stable, halve it when it moves."""
-        grown = 2 * self.interval if stable else self.interval // 2
-        self.interval = min(longest, max(shortest, grown))
-        self.next_step = step + self.interval
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": [stats.state_dict() for stats in self.history], "steps": list(self.steps),
-                "step": self.step,
-                "direction": self.direction, "interval": self.interval, "next_step": self.next_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = [CalibrationStats.from_state_dict(s) for s in state["history"]]
-        # Checkpoints from before the window: their calibrations count as recent.
-        self.steps = [int(s) for s in state.get("steps", [state["next_step"]] * len(self.history))]
-        self.step, self.direction = float(state["step"]), int(state["direction"])
-        self.interval, self.next_step = int(state["interval"]), int(state["next_step"])
+        {site: float(stats.sorted_scores(site).variances(nu).sum()) if nu < 1.0 else 0.0
+         for site, nu in weight_ratios.items()},
+        stats.block_norms(), dict(stats.row_scores), list(act_ratios))

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .. import baselines
-from ..config import VCASConfig
-from ..controller import Controller, attach
-from ..data import batches
+from vcas import Controller, VCASConfig, attach
+
+from . import baselines
+from .data import batches
 from .tasks import Task
 
 METHODS = ("exact", "vcas", "vcas-paper", "vcas-adaptive", "sb", "ub")

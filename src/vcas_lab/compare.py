@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..config import VCASConfig
-from ..errors import ConfigError
+from vcas.config import VCASConfig
+from vcas.errors import ConfigError
 from . import report, tasks
 from .train import METHODS, RunSettings, run_method
 

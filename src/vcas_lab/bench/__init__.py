@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..config import VCASConfig
+from vcas.config import VCASConfig
 from .measure import VARIANTS, run_benchmark
 from .presets import PRESETS, build_from_config, build_preset
 from .report import format_table, plot, summarize

@@ -1,0 +1,187 @@
+"""The adaptive controller (``VCASConfig(controller="adaptive")``, the default where it applies).
+
+The paper's controller spends 2 extra forwards and 6 extra backwards per update on separate
+batches, moves s by a fixed 0.01, and decides the direction from a two-batch variance estimate
+that jumps by orders of magnitude, so short runs stay near exact training. This controller:
+
+- Calibrates on the training step itself. A calibration step runs its backward exactly (its
+  gradient trains the model) and the sampled layers record, for a random 1 % of their weight
+  entries, each sample's contribution ``c_i`` to the weight gradient (:mod:`vcas.ops.records`);
+  the block samplers record the per-sample gradient norms. No extra forward or backward.
+- Estimates the SGD variance within the batch, from the spread of the ``c_i`` (``N - 1`` degrees
+  of freedom instead of the ``M - 1 = 1`` of two batch gradients).
+- Predicts the variance sampling would add at any keep ratios without sampling
+  (:mod:`vcas.control.prediction`).
+- Solves for the smallest s whose predicted V_act stays within ``tau_act * V_sgd``, both pooled
+  over the last few calibrations with geometrically decaying weights (ratio of pooled sums, the
+  quantity the bound is about), and each nu_l from the analytic SampleW variance of the
+  recorded row scores against ``tau_w * V_sgd,l``.
+- Jumps to the solution at the first calibration, then moves s within a trust region that grows
+  while moves agree and shrinks when they flip, and doubles the calibration interval while the
+  solution is stable.
+
+Assumption: samples are independent in the backward (no BatchNorm in training mode between a
+sampler and the layers below it); the per-sample estimates are then unbiased.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Sequence
+
+from ..config import VCASConfig
+from ..errors import ConfigError
+from ..runtime.mode import CALIBRATION
+from ..sampling import share_schedule
+from . import prediction
+from .mechanism import Mechanism, scalar_loss
+from .policy import CalibrationSource, Decision, Merge, Outcome, Skip
+from .statistics import CalibrationStats
+
+# Calibrations pooled by the decision rule (older ones have decayed away anyway) ...
+MEMORY = 16
+# ... and only those of the last WINDOW x update_every steps: early in training the gradients
+# (and V_sgd) are much larger, and a calibration from then would dominate the pooled sums.
+WINDOW = 8
+
+
+class AdaptivePolicy:
+    """The adaptive decision rules on records of calibration steps (see the module docstring)."""
+
+    name: ClassVar[str] = "adaptive"
+    needs_batches: ClassVar[bool] = False
+
+    def __init__(self, config: VCASConfig) -> None:
+        self.config = config
+        self.s = 1.0
+        self.memory = AdaptiveState()
+
+    def start(self, mechanism: Mechanism) -> None:
+        """The first training step calibrates."""
+        if self.memory.next_step <= 1 and not mechanism.recording:
+            mechanism.start_recording()
+
+    def pause(self, mechanism: Mechanism) -> None:
+        mechanism.stop_recording()
+
+    def on_step(self, step: int, mechanism: Mechanism, source: CalibrationSource,
+                merge: Merge) -> Outcome | None:
+        """Update from the step that just recorded (if it did), and arm the next calibration step."""
+        outcome = None
+        if mechanism.recording:
+            stats = mechanism.take_stats()
+            if stats is not None:
+                mechanism.stop_recording()
+                outcome = self.decide(merge(stats), step, mechanism)
+        if not mechanism.recording and step + 1 >= self.memory.next_step:
+            mechanism.start_recording()
+        return outcome
+
+    def calibrate(self, step: int, mechanism: Mechanism, source: CalibrationSource,
+                  batches: Sequence[Any], merge: Merge) -> Outcome:
+        """A calibration on separate batches: one recording exact pass each."""
+        if not batches:
+            raise ConfigError("calibrate needs at least 1 batch")
+        assert source.loss_fn is not None
+        mechanism.stop_recording()
+        mechanism.start_recording()
+        try:
+            with mechanism.isolated(phase=CALIBRATION):
+                for batch in batches:
+                    mechanism.exact_pass(scalar_loss(source.loss_fn, batch))
+            stats = mechanism.take_stats()
+        finally:
+            mechanism.stop_recording()
+        if stats is None:
+            return Skip("the calibration recorded nothing: no sampled layer took part in the loss")
+        return self.decide(merge(stats), step, mechanism)
+
+    def decide(self, stats: CalibrationStats, step: int, mechanism: Mechanism) -> Outcome:
+        """Solve s and every nu for the variance budgets."""
+        config, memory = self.config, self.memory
+        var_sgd = stats.sgd_variances()
+        total_sgd = sum(var_sgd.values())
+        if stats.samples < 2 or not all(math.isfinite(v) for v in var_sgd.values()) or total_sgd <= 0:
+            memory.schedule_next(step, False, config.shortest_interval, config.update_every)
+            return Skip(f"the calibration step gave no usable SGD variance ({stats.samples} samples "
+                        f"with finite gradients, var_sgd={total_sgd})")
+        memory.remember(stats, step, WINDOW * config.update_every)
+        pool = memory.pool(config.smoothing)
+        pooled_sgd = prediction.pooled_sgd_variances(pool)
+        above = mechanism.above_positions
+        previous_s, previous_nu = self.s, mechanism.ratios.weight_list
+        target = prediction.solve_share(pool, above, config.tau_act * sum(pooled_sgd.values()))
+        self.s = target if len(memory.history) == 1 else memory.move(previous_s, target)
+        act = share_schedule(prediction.pooled_block_norms(pool), self.s)
+        budgets = {name: config.tau_w * pooled_sgd.get(name, 0.0) if mechanism.weight_sampled(name) else None
+                   for name in mechanism.linear_names}
+        solved = prediction.solve_weight_ratios(pool, budgets, config.min_weight_ratio)
+        cap = config.max_weight_ratio
+        weight = {name: nu if nu <= cap else 1.0 for name, nu in solved.items()}
+        # Moves between ratios above the cap change nothing that runs.
+        nu_moves = [abs(min(a, cap) - min(b, cap)) for a, b in zip(solved.values(), previous_nu)]
+        stable = abs(target - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves))
+        memory.schedule_next(step, stable, config.shortest_interval, config.update_every)
+        estimate = prediction.summary(stats, above, act, weight)
+        pooled_act = prediction.pooled_act_variance(pool, above, act)
+        bound = pooled_act / sum(pooled_sgd.values())
+        return Decision(self.s, act, weight, estimate, bound)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"s": self.s, **self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.s = float(state["s"])
+        self.memory.load_state_dict(state)
+
+
+@dataclasses.dataclass
+class AdaptiveState:
+    """What the adaptive controller carries between calibrations (checkpointed)."""
+
+    history: list[CalibrationStats] = dataclasses.field(default_factory=list)  # newest last
+    steps: list[int] = dataclasses.field(default_factory=list)  # the training step of each
+    step: float = 0.1  # current trust region for moves of s
+    direction: int = 0  # sign of the last move of s
+    interval: int = 0
+    next_step: int = 1
+
+
+    def remember(self, stats: CalibrationStats, step: int, window: int) -> None:
+        """Add a calibration; forget all but the last MEMORY ones within ``window`` steps."""
+        recent = [i for i, seen in enumerate(self.steps) if step - seen <= window][-(MEMORY - 1):]
+        self.history = [self.history[i] for i in recent] + [stats]
+        self.steps = [self.steps[i] for i in recent] + [step]
+
+    def pool(self, decay: float) -> list[tuple[float, CalibrationStats]]:
+        """The remembered calibrations with weights ``decay ** age`` (newest: 1)."""
+        newest = len(self.history) - 1
+        return [(decay ** (newest - age), stats) for age, stats in enumerate(self.history)]
+
+    def move(self, s: float, target: float, smallest: float = 0.01, largest: float = 0.4) -> float:
+        """Move s toward the solved target within a trust region that doubles while moves agree
+        in direction and halves when they flip, so noisy targets cannot make s oscillate."""
+        direction = (target > s) - (target < s)
+        if direction:
+            agree = direction == self.direction
+            self.step = min(largest, 2 * self.step) if agree else max(smallest, self.step / 2)
+            self.direction = direction
+        return min(1.0, max(0.0, s + max(-self.step, min(self.step, target - s))))
+
+    def schedule_next(self, step: int, stable: bool, shortest: int, longest: int) -> None:
+        """Double the interval while the solution is stable, halve it when it moves."""
+        grown = 2 * self.interval if stable else self.interval // 2
+        self.interval = min(longest, max(shortest, grown))
+        self.next_step = step + self.interval
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [stats.state_dict() for stats in self.history], "steps": list(self.steps),
+                "step": self.step,
+                "direction": self.direction, "interval": self.interval, "next_step": self.next_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [CalibrationStats.from_state_dict(s) for s in state["history"]]
+        self.steps = [int(s) for s in state["steps"]]
+        self.step, self.direction = float(state["step"]), int(state["direction"])
+        self.interval, self.next_step = int(state["interval"]), int(state["next_step"])

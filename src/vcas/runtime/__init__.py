@@ -1,0 +1,1 @@
+"""What the installed hooks and ops read at backward time, owned by one controller."""

@@ -1,0 +1,113 @@
+"""The state one controller shares with the hooks and ops it installed in one model."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from ..accounting import FlopBucket, FlopTally
+from .mode import SAMPLING, Mode
+from .ratios import RatioTable
+from .recorder import Recorder
+from .rng import SamplingGenerators
+
+
+class Runtime:
+    """What the installed ops read at forward and backward time. One per controller; never global.
+
+    Attributes:
+        mode: the current :class:`Mode` (frozen; replaced through :meth:`using` or
+            :meth:`set_base_mode`).
+        ratios: the current :class:`RatioTable`.
+        tally: where FLOPs are counted (a compact block's re-run counts into a scratch tally of
+            its own through :meth:`counting_into`).
+        generators: the controller's own sampling generators.
+        recorder: the records of the current calibration.
+        replay: while a compactly recomputed block records or re-runs its forward, its replay
+            (:class:`vcas.ops.recompute.ForwardReplay`); set only through :meth:`replaying`.
+        recompute_below: blocks whose keep ratio is at most this recompute compactly.
+        gather_below: linears gather the non-zero rows of their incoming gradient only when at
+            most this fraction of the rows is non-zero.
+    """
+
+    def __init__(self, ratios: RatioTable, generators: SamplingGenerators, recorder: Recorder, *,
+                 recompute_below: float = 0.0, gather_below: float = 1.0) -> None:
+        self.mode: Mode = SAMPLING
+        self._base_mode: Mode = SAMPLING
+        self.ratios = ratios
+        self.tally = FlopTally()
+        self.generators = generators
+        self.recorder = recorder
+        self.replay: object | None = None
+        self.recompute_below = recompute_below
+        self.gather_below = gather_below
+        self.nonfinite_gradients = 0
+        self.compact_backwards = 0
+        # Training forwards since the controller last counted an optimizer step.
+        self.forwards_since_step = 0
+        # The last input whose row norms a sampled linear took, with its version and the norms.
+        self._input_norms: tuple[torch.Tensor, int, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ modes
+    def set_base_mode(self, mode: Mode) -> None:
+        """The mode of the coming training steps (outside every :meth:`using` scope)."""
+        self._base_mode = mode
+        self.mode = mode
+
+    @property
+    def base_mode(self) -> Mode:
+        return self._base_mode
+
+    @contextlib.contextmanager
+    def using(self, mode: Mode | None = None, **changes: object) -> Iterator[Mode]:
+        """Run a scope under ``mode`` (default: the current one) with ``changes`` applied."""
+        previous = self.mode
+        self.mode = (mode if mode is not None else previous).replace(**changes)
+        try:
+            yield self.mode
+        finally:
+            self.mode = previous
+
+    @contextlib.contextmanager
+    def replaying(self, replay: object) -> Iterator[None]:
+        previous, self.replay = self.replay, replay
+        try:
+            yield
+        finally:
+            self.replay = previous
+
+    @contextlib.contextmanager
+    def counting_into(self, tally: FlopTally) -> Iterator[FlopTally]:
+        """Count FLOPs into ``tally`` inside the scope (the caller merges them as it sees fit)."""
+        previous, self.tally = self.tally, tally
+        try:
+            yield tally
+        finally:
+            self.tally = previous
+
+    # ------------------------------------------------------------------ counting
+    def count_forward(self, flops: float) -> None:
+        self.tally.bucket(self.mode.phase).forward += flops
+
+    def count_backward(self, flops: FlopBucket) -> None:
+        self.tally.bucket(self.mode.phase).add(flops)
+
+    def count_nonfinite(self) -> None:
+        self.nonfinite_gradients += 1
+
+    # ------------------------------------------------------------------ shared input norms
+    def input_row_norms(self, x: torch.Tensor) -> torch.Tensor:
+        """Row norms of a linear input (its last dimension), float32. Linears that read the same
+        input (attention's query, key and value projections) share one computation."""
+        cached = self._input_norms
+        if cached is not None and cached[0] is x and cached[1] == x._version:
+            return cached[2]
+        norms = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]), dim=1, dtype=torch.float32)
+        self._input_norms = (x, x._version, norms)
+        return norms
+
+    def forget_inputs(self) -> None:
+        """Drop the reference to the last input (kept only between the linears of one forward)."""
+        self._input_norms = None
