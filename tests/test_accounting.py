@@ -1,4 +1,5 @@
-"""FLOPs accounting cross-checked against torch.utils.flop_counter."""
+"""FLOPs accounting: what the sampled layers did, against stock PyTorch and against an exact
+backward that skips exactly-zero rows, cross-checked with independent counts of what ran."""
 
 import pytest
 import torch
@@ -8,6 +9,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vcas
 from models import TinyTransformer, token_batch
+from test_architectures import _batch, _loss, _model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MLPBlock(nn.Module):
@@ -49,8 +53,8 @@ def test_sampled_layer_flops_match_the_flop_counter(ratio):
 def test_whole_training_reduction_counts_calibration_and_the_rest_of_the_model():
     torch.manual_seed(0)
     model = TinyTransformer(depth=3)
-    ctl = vcas.attach(model, vcas.VCASConfig(seed=0))
-    loss_fn = lambda batch: F.cross_entropy(model(batch[0]), batch[1])
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0, controller="paper"))
+    loss_fn = lambda batch: F.cross_entropy(model(batch[0]), batch[1])  # noqa: E731
     assert ctl.stats()["flops_scope"] == "sampled_layers"
     ctl.calibrate(loss_fn, [token_batch(seed=s) for s in (1, 2)])
     tally = ctl.flops
@@ -68,17 +72,102 @@ def test_whole_training_reduction_counts_calibration_and_the_rest_of_the_model()
     assert stats["train_flops_reduction"] == pytest.approx(expected)
 
 
-def test_rows_with_a_zero_gradient_are_skipped_even_at_ratio_one():
+def test_zero_rows_are_skipped_at_ratio_one_and_not_credited_to_sampling():
     """A loss on the first token only (like a [CLS] classifier) leaves the other rows of the top
-    block's gradient exactly zero: they are gathered out and not counted as done."""
+    block's gradient exactly zero: they are skipped, which saves FLOPs against stock PyTorch but
+    nothing against exact training that skips them too."""
     model = _linear_only_model()
     ctl = vcas.attach(model, vcas.VCASConfig(seed=0))
     x = torch.randn(6, 5, 8, requires_grad=True)
     model(x)[:, 0].pow(2).sum().backward()
-    train = ctl.flops.train
+    train, stats = ctl.flops.train, ctl.stats()
     assert train.backward_done < train.backward_exact
+    assert train.backward_nonzero == train.backward_done
+    assert stats["bp_flops_reduction"] > 0.1 and stats["sampling_bp_flops_reduction"] == 0.0
     reference = x.grad.clone()
     x.grad = None
     with ctl.paused():
         model(x)[:, 0].pow(2).sum().backward()
     torch.testing.assert_close(x.grad, reference)
+
+
+@pytest.mark.parametrize("recompute_below", [0.0, 1.0], ids=["full", "compact"])
+def test_the_zero_row_reference_is_what_exact_training_with_skipping_does(recompute_below):
+    """Per step, the sampled run's zero-row reference equals the FLOPs an exact-with-skipping
+    run (ratio 1, the same machinery) really did on the same batch: the dropped samples'
+    rows are counted at the density of the kept ones, which is exact for a [CLS] classifier."""
+    family = "bert"
+    sampled, skipping = _model(family).train(), _model(family).train()
+    ctl = vcas.attach(sampled, vcas.VCASConfig(seed=0, recompute_below=recompute_below, min_weight_numel=0))
+    ctl.set_ratios(act=0.4, weight=0.5)
+    exact_skip = vcas.attach(skipping, vcas.VCASConfig(seed=0))
+    exact_skip.set_ratios(act=1.0, weight=1.0)
+    for seed in range(5):
+        batch = _batch(family, seed=seed)
+        before = ctl.flops.train.backward_nonzero
+        done_before = exact_skip.flops.train.backward_done
+        _loss(sampled, batch).backward()
+        _loss(skipping, batch).backward()
+        assert ctl.flops.train.backward_nonzero - before == pytest.approx(
+            exact_skip.flops.train.backward_done - done_before, rel=1e-9)
+    assert ctl.stats()["sampling_bp_flops_reduction"] < ctl.stats()["bp_flops_reduction"]
+    assert exact_skip.stats()["sampling_bp_flops_reduction"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("family", ["bert", "vit", "gpt2"])
+@pytest.mark.parametrize("act, recompute_below", [(1.0, 0.0), (0.3, 0.0), (0.3, 1.0)],
+                         ids=["ratio-one", "sampled", "sampled-compact"])
+def test_spent_flops_of_real_training_steps_match_an_independent_count(family, act, recompute_below):
+    model = _model(family).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0, recompute_below=recompute_below, min_weight_numel=0))
+    ctl.measure_flops(lambda b: _loss(model, b), _batch(family, seed=99))
+    ctl.set_ratios(act=act, weight=0.3)
+
+    def step(seed):
+        _loss(model, _batch(family, seed=seed)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for seed in range(4):  # past compact recompute's verifying uses
+        step(seed)
+    if recompute_below:
+        assert set(ctl.compact_status().values()) == {"compact"}
+    for seed in range(10, 13):
+        check = ctl.check_flops(lambda: step(seed))
+        assert check["scope"] == "model" and check["counted"] > 0
+        assert check["ratio"] == pytest.approx(1.0, abs=1e-9), check
+
+
+def test_adaptive_calibration_steps_are_counted_exactly_too():
+    family = "bert"
+    model = _model(family).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = lambda b: _loss(model, b)  # noqa: E731
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0, min_weight_numel=0, update_every=4), optimizer=optimizer)
+    ctl.measure_flops(loss_fn, _batch(family, seed=99))
+    for seed in range(12):
+        calibrating = ctl.calibrating
+        check = ctl.check_flops(lambda: (loss_fn(_batch(family, seed=seed)).backward(), optimizer.step(),
+                                         optimizer.zero_grad()))
+        assert check["ratio"] == pytest.approx(1.0, abs=1e-9), (seed, calibrating, check)
+    assert ctl.stats()["updates"] >= 2
+
+
+def test_a_compact_block_that_receives_no_gradient_counts_its_exact_equivalent_work():
+    torch.manual_seed(0)
+    compact, full = TinyTransformer(depth=2), TinyTransformer(depth=2)
+    full.load_state_dict(compact.state_dict())
+    tokens, labels = token_batch(n=8)
+    controllers = []
+    for model, recompute in ((compact, 1.0), (full, 0.0)):
+        ctl = vcas.attach(model, vcas.VCASConfig(seed=0, recompute_below=recompute))
+        ctl.set_ratios(act=0.5, weight=1.0)
+        for seed in range(3):  # past the verifying uses
+            F.cross_entropy(model(token_batch(n=8, seed=seed)[0]), labels).backward()
+        controllers.append(ctl)
+    before = [ctl.flops.train.backward_exact for ctl in controllers]
+    for model in (compact, full):
+        (model(tokens) * 0).sum().backward()  # every block receives an all-zero gradient
+    added = [ctl.flops.train.backward_exact - b for ctl, b in zip(controllers, before)]
+    assert added[0] > 0 and added[0] == pytest.approx(added[1], rel=1e-9)

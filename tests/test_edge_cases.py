@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import vcas
 from models import TinyTransformer, token_batch
+from stats import EXPECTATION_TOLERANCE, assert_unbiased, bias_statistics, expectation_error, sampled_gradients
 
 
 def _attached(act=0.5, weight=0.5, **model_kwargs):
@@ -20,31 +21,60 @@ def _attached(act=0.5, weight=0.5, **model_kwargs):
     return model, ctl
 
 
-def test_batch_of_one_is_sampled_without_crash_and_stays_unbiased_in_mean():
+def test_batch_of_one_is_sampled_without_crash_and_stays_unbiased():
     model, ctl = _attached()
+    torch.manual_seed(0)
+    reference = TinyTransformer()  # the same initial weights (an attached model cannot be copied)
     tokens, labels = token_batch(n=1)
-    loss = F.cross_entropy(model(tokens), labels)
-    params = list(model.parameters())
-    total = [torch.zeros_like(p) for p in params]
-    kept = 0
-    for draw in range(200):
-        grads = torch.autograd.grad(loss, params, retain_graph=True)
-        kept += bool(grads[1].abs().sum() > 0)
-        total = [t + g for t, g in zip(total, grads)]
-    assert 0 < kept < 200  # the single sample is sometimes dropped, sometimes kept
-    assert all(torch.isfinite(t).all() for t in total)
+    loss_of = lambda m: F.cross_entropy(m(tokens), labels)  # noqa: E731
+    exact = [g.detach() for g in torch.autograd.grad(loss_of(reference), list(reference.parameters()))]
+    samples = sampled_gradients(model, loss_of(model), 400)
+    kept = int((samples[1].abs().sum(1) > 0).sum())
+    assert 0 < kept < 400  # the single sample is sometimes dropped, sometimes kept
+    assert all(torch.isfinite(s).all() for s in samples)
+    assert_unbiased(bias_statistics(samples, exact))
+    assert expectation_error(model, ctl, loss_of) < EXPECTATION_TOLERANCE
+
+
+class _RecordingDraws:
+    """The controller's Bernoulli draws, with every (probabilities, keeps) pair recorded."""
+
+    def __init__(self, generators):
+        self.generators, self.seen = generators, []
+
+    def draw(self, device):
+        inner, seen = self.generators.draw(device), self.seen
+
+        class _Recorded:
+            def keeps(self, probs):
+                keeps = inner.keeps(probs)
+                seen.append((probs.clone(), keeps.clone()))
+                return keeps
+
+        return _Recorded()
 
 
 def test_padding_rows_of_zeros_are_never_sampled_and_do_not_crash():
-    model, ctl = _attached()
-    tokens, labels = token_batch(n=4)
-    embedded = model.embed(tokens).detach()
-    embedded[:, 3:] = 0.0  # padded positions carry all-zero activations
-    x = embedded.requires_grad_()
-    for block in model.blocks:
-        x = block(x)
-    F.cross_entropy(model.head(model.norm(x).mean(1)), labels).backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    """Rows whose input is all zeros (padding) have a SampleW score of zero: probability 0,
+    never kept, over many draws; the gradient stays finite."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 3))
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0, min_weight_numel=0), blocks=["0"])
+    ctl.set_ratios(act=1.0, weight=0.5)
+    draws = ctl.mechanism.runtime.draws = _RecordingDraws(ctl.mechanism.runtime.generators)
+    x = torch.randn(4, 5, 6)
+    x[:, 3:] = 0.0  # padded positions carry all-zero inputs
+    padded = torch.zeros(4, 5, dtype=torch.bool)
+    padded[:, 3:] = True
+    for _ in range(50):
+        model.zero_grad()
+        (model(x) * torch.randn(4, 5, 3)).sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert len(draws.seen) == 50
+    for probs, keeps in draws.seen:  # one probability per row of the linear "0"
+        assert probs.shape == (20,)
+        assert torch.all(probs[padded.flatten()] == 0) and not keeps[padded.flatten()].any()
+        assert torch.all(probs[~padded.flatten()] > 0)
 
 
 def test_block_with_zero_gradient_and_empty_kept_sets():

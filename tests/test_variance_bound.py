@@ -1,5 +1,7 @@
-"""The variance bound held honestly: an independent large-sample check at several points of a
-training run, for both controllers (issue 7)."""
+"""The variance bound, checked independently where it is claimed: at the library's tau, with
+weight sampling active on every linear, at several points of a training run, for both
+controllers. The checks have standard errors of their own (vcas.control.diagnostics); the
+bounds below allow two of them."""
 
 import itertools
 
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 import vcas
 from models import TinyTransformer
 
-TAU = 0.1
+TAU = vcas.VCASConfig().tau_act  # the library's default
 
 
 def _batch(seed, n=32):  # class c draws its tokens from [16 c, 16 c + 16), plus noise tokens
@@ -21,13 +23,11 @@ def _batch(seed, n=32):  # class c draws its tokens from [16 c, 16 c + 16), plus
     return torch.where(noise, torch.randint(0, 48, (n, 8), generator=g), tokens), labels
 
 
-@pytest.mark.parametrize("controller", ["paper", "adaptive"])
-def test_measured_variance_stays_near_tau(controller):
+def _run(controller):
     torch.manual_seed(0)
     model = TinyTransformer(vocab=48, dim=32, depth=3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    config = vcas.VCASConfig(controller=controller, tau_act=TAU, tau_w=TAU, update_every=10,
-                             s_step=0.05, param_fraction=0.25, seed=0)
+    config = vcas.VCASConfig(controller=controller, update_every=10, min_weight_numel=0, seed=0)
     ctl = vcas.attach(model, config)
     loss_fn = lambda batch: F.cross_entropy(model(batch[0]), batch[1])  # noqa: E731
     calibration = itertools.cycle([_batch(10_000 + i) for i in range(40)])
@@ -38,10 +38,24 @@ def test_measured_variance_stays_near_tau(controller):
         optimizer.zero_grad()
         ctl.maybe_calibrate(loss_fn, calibration)
         if step % 20 == 0:
-            checks.append(ctl.check_variance(loss_fn, [_batch(20_000 + step + i) for i in range(8)],
-                                             draws=4))
-    act = sum(c["act_ratio"] for c in checks) / len(checks)
-    weight = sum(c["weight_ratio"] for c in checks) / len(checks)
-    assert ctl.stats()["bp_flops_reduction"] > 0.05  # sampling is really active
-    print(controller, [round(c["act_ratio"], 4) for c in checks], [round(c["weight_ratio"], 4) for c in checks])
-    assert act < 3 * TAU and weight < 3 * TAU, (act, weight, checks)
+            batches = (_batch(20_000 + 100 * step + i) for i in itertools.count())
+            checks.append(ctl.check_variance(loss_fn, batches, draws=2))
+    return ctl, checks
+
+
+@pytest.mark.parametrize("controller", ["paper", "adaptive"])
+def test_measured_variance_stays_within_the_bound(controller):
+    ctl, checks = _run(controller)
+    stats = ctl.stats()
+    assert stats["sampling_bp_flops_reduction"] > 0.05  # sampling is really active ...
+    assert min(stats["weight_ratios"]) < 1.0  # ... on the weights too
+    for check in checks:  # precise to 25 %, unless the check ran out of pairs (then it says so)
+        precise = check["act_ratio_relative_error"] <= 0.25 and check["weight_ratio_relative_error"] <= 0.25
+        assert precise or check["pairs"] == 32, check
+    for kind in ("act", "weight"):
+        ratios = [c[f"{kind}_ratio"] for c in checks]
+        errors = [c[f"{kind}_ratio_stderr"] for c in checks]
+        # Every check within 2 tau, and their mean within 1.25 tau, up to two standard errors.
+        assert all(r - 2 * e <= 2 * TAU for r, e in zip(ratios, errors)), (kind, checks)
+        mean_error = sum(e * e for e in errors) ** 0.5 / len(errors)
+        assert sum(ratios) / len(ratios) - 2 * mean_error <= 1.25 * TAU, (kind, checks)

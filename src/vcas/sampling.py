@@ -1,13 +1,14 @@
-"""The sampling mathematics of VCAS as pure functions on tensors (METHOD.md sections 3-5).
+"""The sampling mathematics of VCAS as pure functions on tensors.
 
-Nothing here holds state: randomness comes from an explicit ``torch.Generator``.
+Nothing here holds state: randomness comes from an explicit draw (a ``torch.Generator``, or
+the expectation of the draw for deterministic tests).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -108,23 +109,61 @@ def _walk_capped(top: list[float], budget: float, tail: float) -> tuple[int, flo
     return n_capped, tail
 
 
+class BernoulliDraw:
+    """Independent Bernoulli(p) keep decisions from ``generator`` (the samplers' draw)."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def keeps(self, probs: torch.Tensor) -> torch.Tensor:
+        """A boolean keep decision per item."""
+        uniform = torch.rand(probs.shape, generator=self.generator, device=probs.device, dtype=probs.dtype)
+        return uniform < probs
+
+
+class ExpectedDraw:
+    """Each keep decision replaced by its expectation, ``p`` itself.
+
+    Backpropagation is linear in the incoming gradient, so with every keep mask replaced by its
+    expectation (given the draws above) an unbiased sampler must reproduce the exact gradient,
+    up to rounding: a deterministic test of the re-weighting of every sampler.
+    """
+
+    def keeps(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs.clone()
+
+
+Draw = Union[BernoulliDraw, ExpectedDraw]
+
+
+def sampled_weights(probs: torch.Tensor, draw: Draw) -> torch.Tensor:
+    """The unbiased weight of each item: ``keep / p`` (0 where dropped or ``p = 0``)."""
+    keeps = draw.keeps(probs)
+    if keeps.dtype == torch.bool:
+        return torch.where(keeps, _inverse(probs), torch.zeros_like(probs))
+    return torch.where(keeps > 0, keeps * _inverse(probs), torch.zeros_like(probs))
+
+
+def sampled_rows(probs: torch.Tensor, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same draw as :func:`sampled_weights` for a vector of probabilities, returned as the
+    kept indices and their weights: an op that gathers the kept rows needs no dense weight vector."""
+    keeps = draw.keeps(probs)
+    if keeps.dtype == torch.bool:
+        kept = torch.nonzero(keeps).squeeze(1)
+        return kept, _inverse(probs.index_select(0, kept))
+    kept = torch.nonzero(keeps > 0).squeeze(1)
+    return kept, keeps.index_select(0, kept) * _inverse(probs.index_select(0, kept))
+
+
 def bernoulli_weights(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw independent Bernoulli(p) keeps and return the unbiased weights: ``keep / p`` (0 if dropped)."""
-    return torch.where(_draw_keeps(probs, generator), _inverse(probs), torch.zeros_like(probs))
+    return sampled_weights(probs, BernoulliDraw(generator))
 
 
 def bernoulli_keep(probs: torch.Tensor, generator: torch.Generator | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same draw as :func:`bernoulli_weights` for a vector of probabilities, returned as the
-    kept indices and their weights ``1/p``: an op that gathers the kept rows needs no dense
-    weight vector."""
-    kept = torch.nonzero(_draw_keeps(probs, generator)).squeeze(1)
-    return kept, _inverse(probs.index_select(0, kept))
-
-
-def _draw_keeps(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
-    return uniform < probs
+    """:func:`bernoulli_weights`'s draw as the kept indices and their weights ``1/p``."""
+    return sampled_rows(probs, BernoulliDraw(generator))
 
 
 def _inverse(probs: torch.Tensor) -> torch.Tensor:

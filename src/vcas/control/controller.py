@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -190,12 +190,24 @@ class Controller:
         self.policy.pause(self.mechanism)
         self._adapting = False
 
-    def check_variance(self, loss_fn: LossFn, batches: Sequence[Any], draws: int = 8) -> dict[str, Any]:
+    def check_variance(self, loss_fn: LossFn, batches: Iterable[Any], draws: int = 2, **options: Any) -> dict[str, Any]:
         """An expensive independent check of the bound at the current ratios: V_act / V_sgd and
-        V_w / V_sgd from many batches and draws on every weight entry, with their standard
-        errors (see :mod:`vcas.control.diagnostics`). Leaves training untouched; not counted."""
+        V_w / V_sgd from pairs of batches and sampled draws on every weight entry, with their
+        standard errors; pairs are taken from ``batches`` (an endless iterator is fine) until
+        both relative errors are at most 25 % (options: ``min_pairs``, ``max_pairs``,
+        ``target_relative_error``; see :func:`vcas.control.diagnostics.variance_check`).
+        Leaves training untouched and is not counted in the FLOPs."""
         self._check_attached()
-        return diagnostics.variance_check(self.mechanism, loss_fn, list(batches), draws)
+        return diagnostics.variance_check(self.mechanism, loss_fn, batches, draws, **options)
+
+    def check_flops(self, step: Callable[[], Any]) -> dict[str, Any]:
+        """Run ``step()`` (one real training step: forward, backward, optimizer step, and
+        ``maybe_calibrate`` if you call it there) under an independent FLOPs counter and compare
+        its count with what the controller's tally says the step spent: ``ratio`` =
+        accounted / counted, 1 when the accounting is exact (once the model's FLOPs are measured,
+        ``scope == "model"``). The step trains as usual; only its speed suffers."""
+        self._check_attached()
+        return diagnostics.flop_check(self.mechanism, step)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

@@ -1,4 +1,6 @@
-"""An expensive, independent check of the variance bound at the controller's current ratios.
+"""Independent checks of what the controllers claim: the variance bound, and the FLOPs.
+
+The variance check, expensive, at the controller's current ratios:
 
 Nothing of the controllers is used: no probes, no per-sample records, no analytic shortcut.
 Batches are taken in pairs; for each batch, its exact gradient on every entry of the measured
@@ -11,14 +13,21 @@ estimator's linearisation); pairs are added until both relative errors are at mo
 
 The check leaves training untouched: ``.grad``, buffers, every RNG stream and the controller's
 own sampling generators are restored, and its work is not counted in the FLOPs.
+
+The FLOPs check (:class:`FlopCount`, ``Controller.check_flops``) counts, at the dispatcher, every
+product a real training step runs (forward, sampled backward, compact re-runs, SampleW's kept
+rows, calibration records), with ``torch.utils.flop_counter``'s formulas, and compares the total
+with what the controller's tally says the same step spent.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from ..accounting import FlopTally
 from .mechanism import LossFn, Mechanism, scalar_loss
@@ -27,7 +36,7 @@ TARGET_RELATIVE_ERROR = 0.25
 
 
 def variance_check(mechanism: Mechanism, loss_fn: LossFn, batches: Iterable[Any], draws: int = 2, *,
-                   min_pairs: int = 4, max_pairs: int | None = None,
+                   min_pairs: int = 4, max_pairs: int | None = 32,
                    target_relative_error: float | None = TARGET_RELATIVE_ERROR) -> dict[str, Any]:
     """Estimate V_act / V_sgd and V_w / V_sgd with their standard errors.
 
@@ -37,7 +46,7 @@ def variance_check(mechanism: Mechanism, loss_fn: LossFn, batches: Iterable[Any]
         batches: at least ``2 * min_pairs`` batches (an iterator is consumed only as needed).
         draws: sampled draws of each kind per batch.
         min_pairs: pairs of batches always used.
-        max_pairs: the most pairs used (default: as many as ``batches`` holds).
+        max_pairs: the most pairs used (None: as many as ``batches`` holds).
         target_relative_error: stop adding pairs once both ratios' relative standard errors
             are at most this (None: use every batch given).
     Returns:
@@ -145,3 +154,36 @@ def _gradients(loss: torch.Tensor, params: list[torch.nn.Parameter], retain: boo
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+class FlopCount(TorchDispatchMode):
+    """The FLOPs of every op run inside, by ``torch.utils.flop_counter``'s formulas.
+
+    Unlike ``FlopCounterMode`` it tracks no modules (whose backward hooks cannot follow a
+    forward re-run inside a backward), so compact recompute runs under it as in training.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += float(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+def flop_check(mechanism: Mechanism, step: Callable[[], Any]) -> dict[str, float]:
+    """Run ``step`` (a real training step) under :class:`FlopCount` and compare the count with
+    the tally's spent FLOPs over the same step (``ratio`` = accounted / counted)."""
+    tally = mechanism.runtime.tally
+    before = tally.spent_flops()
+    with FlopCount() as counter:
+        step()
+    accounted = tally.spent_flops() - before
+    return {"counted": counter.total, "accounted": accounted,
+            "ratio": accounted / counter.total if counter.total > 0 else math.nan,
+            "scope": tally.scope}

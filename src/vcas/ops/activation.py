@@ -13,7 +13,7 @@ import torch
 
 from ..plan.outputs import find_hidden_state
 from ..runtime.runtime import Runtime
-from ..sampling import bernoulli_weights, capped_proportional_probs
+from ..sampling import capped_proportional_probs, sampled_weights
 
 
 def per_sample_norms(grad: torch.Tensor) -> torch.Tensor:
@@ -98,5 +98,5 @@ class BlockSampler:
         if ratio is None:
             return None
         probs = capped_proportional_probs(norms, ratio * grad.shape[0])
-        weights = bernoulli_weights(probs, runtime.generators.for_device(grad.device))
+        weights = sampled_weights(probs, runtime.draws.draw(grad.device))
         return grad * weights.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))

@@ -18,7 +18,7 @@ from torch import nn
 from ..accounting import FlopBucket
 from ..runtime.mode import CALIBRATION
 from ..runtime.runtime import Runtime
-from ..sampling import bernoulli_keep, capped_proportional_probs, finite_capped_vector
+from ..sampling import capped_proportional_probs, finite_capped_vector, sampled_rows
 from .activation import nonzero_rows
 from .autocast import autocast_inputs
 from .records import linear_contributions
@@ -241,7 +241,7 @@ def _weight_grad(g_rows: torch.Tensor, xs: torch.Tensor, row_norms: torch.Tensor
         runtime.recorder.row_scores(site.name, scores)
     if probs is None:
         return g_rows.t() @ _gather(xs, rows), n
-    kept, weights = bernoulli_keep(probs, runtime.generators.for_device(g_rows.device))
+    kept, weights = sampled_rows(probs, runtime.draws.draw(g_rows.device))
     scaled = g_rows.index_select(0, kept) * weights.to(g_rows.dtype).unsqueeze(1)
     source = kept if rows is None else rows.index_select(0, kept)
     return scaled.t() @ xs.index_select(0, source), kept.numel()

@@ -64,6 +64,18 @@ _TENSOR = object()  # stands for a tensor input in the re-run's copy of the argu
 _SAFE_LEAVES = (torch.Tensor, type(None), bool, int, float, str, torch.dtype, torch.device)
 
 
+def _is_kv_cache(leaf: Any) -> bool:
+    """A transformers key/value cache (``DynamicCache``, ``EncoderDecoderCache``, ...). In
+    training it only collects the forward's keys and values; a re-run gets ``None`` instead,
+    so that it computes the same keys and values without appending to the forward's cache."""
+    cls = type(leaf)
+    return cls.__module__.startswith("transformers") and cls.__name__.endswith("Cache")
+
+
+def _replayable(leaf: Any) -> bool:
+    return isinstance(leaf, _SAFE_LEAVES) or _is_kv_cache(leaf)
+
+
 class Layers(enum.Enum):
     """What the sampled layers do under a replay."""
 
@@ -205,8 +217,9 @@ class CompactBlock:
         if not self._wanted():
             return self.original_forward(*args, **kwargs)
         flat, spec = tree_flatten((args, kwargs))
-        if not all(isinstance(leaf, _SAFE_LEAVES) for leaf in flat):
-            return self._refuse("its inputs hold objects other than tensors and numbers", args, kwargs)
+        if not all(_replayable(leaf) for leaf in flat):
+            return self._refuse("its inputs hold objects other than tensors, numbers and key/value "
+                                "caches", args, kwargs)
         if self.status == "unverified":
             return self._verifying_forward(args, kwargs, flat, spec)
         rng = RngSnapshot(_cuda_devices(flat))
@@ -229,10 +242,13 @@ class CompactBlock:
                 and not torch.compiler.is_compiling() and not _flop_counter_active())
 
     def _refuse(self, reason: str, args: tuple, kwargs: dict) -> Any:
+        self._give_up(reason)
+        return self.original_forward(*args, **kwargs)
+
+    def _give_up(self, reason: str) -> None:
         self.status, self.reason = "full", reason
         logger.warning("vcas: block %r is backpropagated in full, not recomputed compactly: %s",
                        self.name, reason)
-        return self.original_forward(*args, **kwargs)
 
     def _ineligible(self, output: Any, hidden: torch.Tensor | None, flat: list,
                     replay: ForwardReplay) -> str | None:
@@ -252,10 +268,7 @@ class CompactBlock:
         """The outcome of one verifying use (None: no use with samples both dropped and kept)."""
         self.attempts += 1
         if agreed is False:
-            self.status = "full"
-            self.reason = f"its compact backward differs from the full backward ({detail}): it mixes samples"
-            logger.warning("vcas: block %r is backpropagated in full, not recomputed compactly: %s",
-                           self.name, self.reason)
+            self._give_up(f"its compact backward differs from the full backward ({detail})")
             return
         self.agreements += bool(agreed)
         if self.agreements >= VERIFY_USES:
@@ -295,15 +308,14 @@ class CompactBlock:
     def _verifying_forward(self, args: tuple, kwargs: dict, flat: list, spec: Any) -> Any:
         """The block's own forward with its graph, its dropout masks and layer outputs recorded
         beside it; the backward is checked against the compact re-run (design note above)."""
-        rng = RngSnapshot(_cuda_devices(flat))
         replay = ForwardReplay(self.runtime)
         with replay.active(intercept=True):
             output = self.original_forward(*args, **kwargs)
         hidden = find_hidden_state(output)
         reason = self._ineligible(output, hidden, flat, replay)
-        if reason is not None:
-            rng.restore()
-            return self._refuse(reason, args, kwargs)
+        if reason is not None:  # the forward ran as usual (it built its graph): keep its output
+            self._give_up(reason)
+            return output
         inputs = tuple(leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in flat)
         check = _Verification(self, inputs, spec, replay, hidden)
         return replace_tensor(output, hidden, _VerifyFunction.apply(hidden, check))
@@ -316,7 +328,7 @@ class _RerunContext:
                  hidden: torch.Tensor, layer_flops: float) -> None:
         self.block, self.spec, self.replay = block, spec, replay
         # Tensors are passed to the autograd function (and saved there); here only placeholders.
-        self.flat = [_TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in flat]
+        self.flat = [_TENSOR if isinstance(leaf, torch.Tensor) else _rerun_leaf(leaf) for leaf in flat]
         self.hidden: torch.Tensor | None = hidden
         device = hidden.device.type
         self.autocast, self.autocast_dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
@@ -460,7 +472,7 @@ class _Verification:
         params = tuple(p for p in self.block.module.parameters() if p.requires_grad)
         input_needs = tuple(t.is_floating_point() for t in tensors)
         param_needs = tuple(True for _ in params)
-        flat = [_TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in self.inputs]
+        flat = [_TENSOR if isinstance(leaf, torch.Tensor) else _rerun_leaf(leaf) for leaf in self.inputs]
         rerun = _Rerun(self.block, flat, self.spec, self.replay, tensors, params, self.autocast)
         batch = grad.shape[0]
         # Exact weight gradients in both (no draws), counted as calibration work.
@@ -472,6 +484,9 @@ class _Verification:
                                          param_needs, 0.0, Layers.REPLAY)
             except _ReplayMismatch as error:
                 self.block.record_verdict(False, f"a re-run differs from the forward: {error}")
+                return
+            except RuntimeError as error:  # the block cannot run on part of its batch
+                self.block.record_verdict(False, f"a re-run on part of the batch fails: {error}")
                 return
         agreed, detail = _agree(full[0] + full[1], compact[0] + compact[1], self.dtype)
         self.block.record_verdict(agreed, detail)
@@ -507,8 +522,13 @@ def _agree(full: list, compact: list, dtype: torch.dtype) -> tuple[bool, str]:
         error = float((a.float() - b.float()).norm())
         size = float(a.float().norm())
         if error > tolerance * size + 1e-6 * scale * a.numel() ** 0.5:
-            return False, f"gradient {position}: relative difference {error / max(size, 1e-30):.3g}"
+            return False, (f"gradient {position}: relative difference {error / max(size, 1e-30):.3g}; "
+                           "the block mixes samples")
     return True, ""
+
+
+def _rerun_leaf(leaf: Any) -> Any:
+    return None if _is_kv_cache(leaf) else leaf
 
 
 def _flop_counter_active() -> bool:

@@ -16,6 +16,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..sampling import BernoulliDraw, ExpectedDraw
+
 
 class RngSnapshot:
     """The state of the global generators: torch's CPU generator and the CUDA devices given
@@ -69,6 +71,10 @@ class SamplingGenerators:
         self.rank = rank
         self._generators: dict[str, torch.Generator] = {}
 
+    def draw(self, device: torch.device) -> BernoulliDraw:
+        """The samplers' keep decisions on ``device``, from this controller's generator."""
+        return BernoulliDraw(self.for_device(device))
+
     def for_device(self, device: torch.device) -> torch.Generator:
         key = str(device)
         if key not in self._generators:
@@ -91,3 +97,11 @@ class SamplingGenerators:
 
 def _device_offset(device: torch.device) -> int:
     return 0 if device.index is None else 7919 * (device.index + 1)
+
+
+class ExpectedDraws:
+    """Draws at their expectation on every device (:class:`vcas.sampling.ExpectedDraw`): put
+    into ``Runtime.draws``, every sampler must reproduce the exact gradient."""
+
+    def draw(self, device: torch.device) -> ExpectedDraw:
+        return ExpectedDraw()

@@ -11,7 +11,7 @@ from ..accounting import FlopBucket, FlopTally
 from .mode import SAMPLING, Mode
 from .ratios import RatioTable
 from .recorder import Recorder
-from .rng import SamplingGenerators
+from .rng import ExpectedDraws, SamplingGenerators
 
 
 class Runtime:
@@ -23,7 +23,9 @@ class Runtime:
         ratios: the current :class:`RatioTable`.
         tally: where FLOPs are counted (a compact block's re-run counts into a scratch tally of
             its own through :meth:`counting_into`).
-        generators: the controller's own sampling generators.
+        generators: the controller's own sampling generators (checkpointed).
+        draws: where the samplers' keep decisions come from: ``generators`` (Bernoulli draws),
+            or :class:`~vcas.runtime.rng.ExpectedDraws` in deterministic tests.
         recorder: the records of the current calibration.
         replay: while a compactly recomputed block records or re-runs its forward, its replay
             (:class:`vcas.ops.recompute.ForwardReplay`); set only through :meth:`replaying`.
@@ -39,6 +41,7 @@ class Runtime:
         self.ratios = ratios
         self.tally = FlopTally()
         self.generators = generators
+        self.draws: SamplingGenerators | ExpectedDraws = generators
         self.recorder = recorder
         self.replay: object | None = None
         self.recompute_below = recompute_below

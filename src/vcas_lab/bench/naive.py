@@ -21,7 +21,7 @@ from vcas.accounting import FlopBucket
 from vcas.ops.autocast import autocast_inputs
 from vcas.ops.linear import LinearSite
 from vcas.runtime.runtime import Runtime
-from vcas.sampling import bernoulli_weights, capped_proportional_probs
+from vcas.sampling import capped_proportional_probs, sampled_weights
 
 
 class NaiveLinearKind(LinearKind):
@@ -66,8 +66,8 @@ class NaiveSampledLinear(torch.autograd.Function):
         kept = rows.numel()
         if runtime.mode.sample_weights and ratio < 1.0 and kept > 0:
             scores = norms[rows] * torch.linalg.vector_norm(xk, dim=1, dtype=torch.float32)
-            weights = bernoulli_weights(capped_proportional_probs(scores, ratio * kept),
-                                        runtime.generators.for_device(gy.device))
+            weights = sampled_weights(capped_proportional_probs(scores, ratio * kept),
+                                      runtime.draws.draw(gy.device))
             chosen = torch.nonzero(weights).squeeze(1)
             g = g.index_select(0, chosen) * weights[chosen].to(g.dtype).unsqueeze(1)
             xk = xk.index_select(0, chosen)
