@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import vcas
-import vcas.data
+import vcas_lab.data
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -82,7 +82,7 @@ def measure(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.T
     ctl.detach()
     model.zero_grad(set_to_none=True)
     return {"share": exact.backward_exact / total, "free": free, "saved": skipped / draws / total,
-            "backward_gflops": total / 1e9, "sampled_layers": len(ctl.linear_names) + len(ctl.conv_names)}
+            "backward_gflops": total / 1e9, "sampled_layers": len(ctl.plan.sites)}
 
 
 # --------------------------------------------------------------------------------- the models
@@ -125,7 +125,7 @@ def real_cases():
     """Real sizes: pretrained MiniLM and EfficientNet-Lite0; standard configs (random weights) of
     GPT-2 small, a 1B-class Llama shape cut to 4 layers, T5-small and ViT-S/16."""
     tr = _transformers()
-    path = vcas.data.minilm_path()
+    path = vcas_lab.data.minilm_path()
     minilm = tr.AutoModelForSequenceClassification.from_pretrained(path, num_labels=5)
     tokens = _tokens(8, 128, 30522)
     labels = torch.randint(0, 5, (8,))
