@@ -136,3 +136,53 @@ def test_finite_capped_vector_is_the_solution_or_none_for_non_finite_scores():
     assert finite_capped_vector(torch.tensor([3.0, 1e-30, 2.0, 0.0]), 3.0).tolist() == [1.0, 1.0, 1.0, 0.0]
     for bad in (float("nan"), float("inf")):
         assert finite_capped_vector(torch.tensor([1.0, bad, 2.0]), 1.5) is None
+
+
+def test_probabilities_solved_on_the_device_match_the_definition():
+    """The sync-free solve (a budget held on the device, a width bound from the host) gives the
+    same probabilities as the host solve wherever the scores' tail is within float64's
+    resolution (summing to the budget, or keeping every positive score), and valid
+    probabilities everywhere (in [0, 1], positive where the score is)."""
+    from vcas.sampling import capped_probs_on_device
+
+    g = torch.Generator().manual_seed(0)
+    compared = 0
+    for _ in range(1500):
+        n = int(torch.randint(1, 300, (1,), generator=g))
+        scores = torch.rand(n, generator=g) ** float(torch.randint(1, 12, (1,), generator=g))
+        scores[torch.rand(n, generator=g) < 0.3] = 0
+        budget = float(torch.rand(1, generator=g)) * n
+        if budget <= 0:
+            continue
+        width = math.ceil(budget) + int(torch.randint(0, 5, (1,), generator=g))
+        got = capped_probs_on_device(scores, torch.tensor(budget, dtype=torch.float64), width)
+        positive = scores > 0
+        # Positive wherever the score is (but for scores below float32's range relative to the
+        # rest, whose contribution is below any sum's resolution anyway).
+        resolvable = scores > 1e-30 * float(scores.sum())
+        assert torch.all(got[resolvable] > 0) and torch.all(got[~positive] == 0) and torch.all(got <= 1)
+        if positive.any() and float(scores[positive].min()) > 1e-6 * float(scores.max()):
+            assert float(got.sum()) <= budget * (1 + 1e-4) or torch.equal(got, positive.float())
+            torch.testing.assert_close(got, capped_proportional_probs(scores, budget), rtol=1e-4, atol=1e-6)
+            compared += 1
+    assert compared > 300
+
+
+def test_a_fixed_size_selection_thins_an_overflow_unbiasedly():
+    from vcas.ops.capacity import capacity, select
+
+    assert capacity(3.2, 8) == 8 and capacity(16, 64) < 40 and capacity(0.0, 10) == 1
+    g = torch.Generator().manual_seed(1)
+    marked = torch.tensor([True, False, True, True, False, True, True, True])  # 6 marked
+    counts = torch.zeros(8)
+    draws = 6000
+    for _ in range(draws):
+        indices, factor = select(marked, 4, g)
+        assert indices.numel() == 4 and len(set(indices.tolist())) == 4
+        assert float(factor) == pytest.approx(6 / 4)
+        counts[indices] += float(factor) * marked[indices].float()
+    # Each marked item is chosen with probability 4/6 and weighted 6/4: 1 in expectation.
+    expected = marked.float()
+    assert torch.all((counts / draws - expected).abs() < 5 * math.sqrt(0.5 / draws) + 1e-9)
+    indices, factor = select(marked, 7, g)  # room for every marked item: all of them, weight 1
+    assert set(torch.nonzero(marked).flatten().tolist()) <= set(indices.tolist()) and float(factor) == 1.0

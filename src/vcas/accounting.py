@@ -49,6 +49,13 @@ class FlopBucket:
         for name in _FIELDS:
             setattr(self, name, getattr(self, name) + scale * getattr(other, name))
 
+    def settle(self) -> None:
+        """Read counts the sync-free path kept on the device (0-dim tensors) as numbers."""
+        for name in _FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, float):
+                setattr(self, name, float(value))
+
     def scaled(self, factor: float) -> "FlopBucket":
         out = FlopBucket()
         out.add(self, factor)
@@ -82,6 +89,12 @@ class FlopTally:
     def bucket(self, phase: str) -> FlopBucket:
         return self.calibration if phase == CALIBRATION else self.train
 
+    def settle(self) -> "FlopTally":
+        """The tally with every count read as a number (see :meth:`FlopBucket.settle`)."""
+        self.train.settle()
+        self.calibration.settle()
+        return self
+
     @property
     def scope(self) -> str:
         """``"model"`` once the other work is measured, else ``"sampled_layers"``."""
@@ -102,30 +115,33 @@ class FlopTally:
 
     def exact_training_flops(self) -> float:
         """What stock PyTorch would have spent on the training steps."""
-        t = self.train
+        t = self.settle().train
         return t.forward + t.backward_exact + self._other_forward(t) + self._other_backward_exact(t)
 
     def nonzero_training_flops(self) -> float:
         """What exact training that skips exactly-zero rows would have spent."""
-        t = self.train
+        t = self.settle().train
         return t.forward + t.backward_nonzero + self._other_forward(t) + self._other_backward_exact(t)
 
     def spent_flops(self) -> float:
         """Everything spent: training steps and calibration passes."""
+        self.settle()
         return sum(b.forward + b.backward_done + self._other_forward(b) + self._other_backward_done(b)
                    for b in (self.train, self.calibration))
 
     def backward_spent(self) -> float:
-        t = self.train
+        t = self.settle().train
         return t.backward_done + self._other_backward_done(t)
 
     # ------------------------------------------------------------------ reductions
     def bp_flops_reduction(self) -> float:
         """1 - training backward FLOPs done / stock PyTorch's."""
+        self.settle()
         return _reduction(self.backward_spent(), self.train.backward_exact + self._other_backward_exact(self.train))
 
     def sampling_bp_flops_reduction(self) -> float:
         """1 - training backward FLOPs done / exact backward's that skips zero rows."""
+        self.settle()
         return _reduction(self.backward_spent(), self.train.backward_nonzero + self._other_backward_exact(self.train))
 
     def train_flops_reduction(self) -> float:
@@ -138,6 +154,7 @@ class FlopTally:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
+        self.settle()
         other = None if self.other is None else {
             "forward": self.other.forward, "backward": self.other.backward,
             "blocks": {name: list(ratios) for name, ratios in self.other.blocks.items()}}

@@ -59,6 +59,12 @@ class VCASConfig:
             gathering the non-zero rows first: gathering and scattering cost more than the
             skipped products save when few rows are zero. 1 always gathers; 0 never does.
             (Convolutions always gather their non-zero samples: their products per row are large.)
+        sync_free: whether the sampled ops avoid every host synchronisation inside the forward
+            and backward: data-dependent subsets (the kept samples, the non-zero rows, SampleW's
+            kept rows) go into room reserved from the keep ratios, on the device
+            (:mod:`vcas.ops.capacity`). ``None`` (the default) takes this path on CUDA devices,
+            where a sync stalls the host, and the exact-size path on the CPU, where reading a
+            size is free and the reserved room would only cost computation.
         min_weight_numel: the controllers sample the weight gradient of a linear layer only if
             its weight has at least this many entries; smaller layers keep nu = 1. On small
             layers the row scores, the keep-probability solve and the gathers cost more than
@@ -83,6 +89,7 @@ class VCASConfig:
     recompute_below: float = 0.5
     gather_below: float = 0.75
     min_weight_numel: int = 65536
+    sync_free: bool | None = None
 
     def __post_init__(self) -> None:
         _check(self.tau_act > 0, "tau_act", self.tau_act, "> 0")
@@ -105,6 +112,7 @@ class VCASConfig:
         _check(0 <= self.recompute_below <= 1, "recompute_below", self.recompute_below, "in [0, 1]")
         _check(0 <= self.gather_below <= 1, "gather_below", self.gather_below, "in [0, 1]")
         _check_int(self.min_weight_numel, "min_weight_numel", 0)
+        _check(self.sync_free in (None, True, False), "sync_free", self.sync_free, "None, True or False")
         _check(0 < self.min_weight_ratio <= 1, "min_weight_ratio", self.min_weight_ratio, "in (0, 1]")
         _check(self.min_weight_ratio <= self.max_weight_ratio <= 1, "max_weight_ratio",
                self.max_weight_ratio, f"in [min_weight_ratio={self.min_weight_ratio}, 1]")

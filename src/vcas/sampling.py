@@ -69,6 +69,29 @@ def _capped_rows(rows: torch.Tensor, budget: float) -> torch.Tensor:
     return (rows * scale).clamp_(max=1.0)
 
 
+def capped_probs_on_device(scores: torch.Tensor, budget: torch.Tensor, width: int) -> torch.Tensor:
+    """:func:`capped_proportional_probs` of a 1-D vector for a budget held on the device (a
+    0-dim tensor), with no host sync: ``width`` bounds the number of capped scores from above
+    (any ``width >= ceil(budget)`` will do; the budget's bound on the host is enough)."""
+    scores = scores.detach().float()
+    budget = budget.to(torch.float64)
+    width = max(1, min(scores.numel(), width))
+    top = torch.topk(scores, width).values.double()  # 0-dim sums would not promote a vector
+    total = scores.sum(dtype=torch.float64)
+    tail = (total + top) - top.cumsum(0)
+    m = torch.arange(width, device=scores.device, dtype=torch.float64)
+    fits = ((budget - m) * top <= tail) & (m < budget)  # fewer than the budget are capped
+    n_capped = fits.int().argmax().unsqueeze(0)
+    free_tail = tail.gather(0, n_capped).clamp(min=torch.finfo(torch.float64).tiny)
+    scale = ((budget - n_capped.double()) / free_tail).clamp(max=torch.finfo(torch.float32).max)
+    probs = (scores * scale.to(scores.dtype)).clamp_(min=0.0, max=1.0)
+    positive = scores > 0
+    # Keep every positive score when they fit the budget, or when rounding leaves no rank that
+    # fits (a tail below float64's resolution): exact for them, never biased.
+    keep_all = (positive.sum() <= budget) | ~fits.any()
+    return torch.where(keep_all, positive.to(scores.dtype), probs)
+
+
 def finite_capped_vector(scores: torch.Tensor, budget: float) -> torch.Tensor | None:
     """:func:`capped_proportional_probs` of a float 1-D CPU vector with ``budget > 0``, or
     ``None`` if a score is not finite: the solve sums the scores anyway, so SampleW learns

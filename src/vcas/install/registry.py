@@ -49,8 +49,8 @@ class SiteKind(Protocol):
     def weight_of(self, module: nn.Module) -> torch.Tensor:
         """The module's weight parameter (whose gradient the controllers measure)."""
 
-    def build(self, name: str, module: nn.Module, runtime: Runtime, *,
-              weight_sampled: bool) -> Site: ...
+    def build(self, name: str, module: nn.Module, runtime: Runtime, *, weight_sampled: bool,
+              block: str | None = None) -> Site: ...
 
 
 Match = Union[type, Callable[[nn.Module], bool]]
@@ -73,7 +73,7 @@ class SiteRegistry:
         if not (isinstance(match, type) or callable(match)):
             raise TypeError(f"register: match must be a module type or a predicate, got {match!r}")
         if not callable(getattr(kind, "build", None)):
-            raise TypeError(f"register: {kind!r} has no build(name, module, runtime, weight_sampled=...)")
+            raise TypeError(f"register: {kind!r} has no build(name, module, runtime, weight_sampled=..., block=...)")
         label = description or (match.__name__ if isinstance(match, type) else getattr(match, "__name__", "predicate"))
         return SiteRegistry(((match, kind, label),) + self.entries)
 

@@ -91,6 +91,8 @@ class BlockSampler:
         if ratio is None and not (mode.record_norms or mode.record_samples):
             return None
         norms = per_sample_norms(grad)
+        if runtime.syncless(grad.device):
+            return self._sample_without_sync(grad, norms, ratio)
         if not finite_norms(norms, runtime):
             return None
         if mode.record_norms or mode.record_samples:
@@ -99,4 +101,20 @@ class BlockSampler:
             return None
         probs = capped_proportional_probs(norms, ratio * grad.shape[0])
         weights = sampled_weights(probs, runtime.draws.draw(grad.device))
+        return grad * weights.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
+
+    def _sample_without_sync(self, grad: torch.Tensor, norms: torch.Tensor,
+                             ratio: float | None) -> torch.Tensor | None:
+        """SampleA with nothing read back to the host: a non-finite gradient passes exactly (it
+        is counted on the device), and the probabilities are solved on the device."""
+        runtime, mode = self.runtime, self.runtime.mode
+        finite = torch.isfinite(norms).all()
+        runtime.count_nonfinite(~finite)
+        if mode.record_norms or mode.record_samples:
+            runtime.recorder.block_norms(self.name, norms, samples=mode.record_samples)
+        if ratio is None:
+            return None
+        safe = torch.where(finite, norms, torch.zeros_like(norms))
+        probs = capped_proportional_probs(safe.unsqueeze(0), ratio * grad.shape[0]).squeeze(0)
+        weights = torch.where(finite, sampled_weights(probs, runtime.draws.draw(grad.device)), 1.0)
         return grad * weights.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))

@@ -27,6 +27,7 @@ from ..runtime.mode import CALIBRATION
 from ..runtime.runtime import Runtime
 from .activation import nonzero_indices, per_sample_norms
 from .autocast import autocast_inputs
+from .capacity import capacity
 
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
@@ -41,9 +42,9 @@ class ConvKind:
     def weight_of(self, module: nn.Module) -> torch.Tensor:
         return module.weight
 
-    def build(self, name: str, module: nn.Module, runtime: Runtime, *,
-              weight_sampled: bool) -> "ConvSite":
-        return ConvSite(name, module, runtime)
+    def build(self, name: str, module: nn.Module, runtime: Runtime, *, weight_sampled: bool,
+              block: str | None = None) -> "ConvSite":
+        return ConvSite(name, module, runtime, block)
 
 
 class ConvSite:
@@ -51,10 +52,11 @@ class ConvSite:
 
     kind = "conv"
 
-    def __init__(self, name: str, module: nn.Module, runtime: Runtime) -> None:
+    def __init__(self, name: str, module: nn.Module, runtime: Runtime, block: str | None = None) -> None:
         self.name = name
         self.module = module
         self.runtime = runtime
+        self.block = block
         self.original_forward: Callable[..., torch.Tensor] = type(module).forward.__get__(module)
         self.direct = type(module) in _PLAIN and module.padding_mode == "zeros"
         self.weight_sampled = False
@@ -62,6 +64,13 @@ class ConvSite:
     @property
     def weight(self) -> torch.Tensor:
         return self.module.weight
+
+    def reserved_samples(self, samples: int) -> int:
+        """Room the sync-free path reserves (see :meth:`vcas.ops.linear.LinearSite.reserved_samples`)."""
+        runtime = self.runtime
+        if self.block is None or not runtime.mode.sample_acts:
+            return samples
+        return capacity(runtime.ratios.act[self.block] * samples, samples)
 
     def records_samples(self) -> bool:
         return self.runtime.mode.record_samples and self.name in self.runtime.recorder.probes
@@ -172,11 +181,19 @@ class _SampledConvFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
-        rows = nonzero_indices(per_sample_norms(grad_out), ctx.site.runtime)
+        site: ConvSite = ctx.site
+        factor = None
+        if site.runtime.syncless(grad_out.device):  # room reserved for the kept samples
+            rows, factor = site.runtime.draws.select(per_sample_norms(grad_out) != 0,
+                                                     site.reserved_samples(grad_out.shape[0]))
+        else:
+            rows = nonzero_indices(per_sample_norms(grad_out), site.runtime)
         n_rows = grad_out.shape[0] if rows is None else rows.numel()
         grad_x = grad_w = grad_b = None
         if n_rows > 0 and (need_x or need_w or need_b):
             gy = grad_out if rows is None else grad_out.index_select(0, rows)
+            if factor is not None:
+                gy = gy * factor.to(gy.dtype)
             xs = x if rows is None else x.index_select(0, rows)
             grad_x, grad_w, grad_b = _convolution_backward(gy, xs, weight, ctx.geometry,
                                                            (need_x, need_w, need_b))
@@ -187,7 +204,6 @@ class _SampledConvFunction(torch.autograd.Function):
         if need_b and grad_b is None:
             grad_b = grad_out.new_zeros(grad_out.shape[1])
         products = int(need_x) + int(need_w)
-        site = ctx.site
         exact = ctx.per_sample * grad_out.shape[0] * products
         # Without sampling every sample reaches a convolution (a sample whose gradient is zero
         # here was dropped above): the zero-row reference is the exact backward.

@@ -18,9 +18,10 @@ from torch import nn
 from ..accounting import FlopBucket
 from ..runtime.mode import CALIBRATION
 from ..runtime.runtime import Runtime
-from ..sampling import capped_proportional_probs, finite_capped_vector, sampled_rows
+from ..sampling import capped_probs_on_device, capped_proportional_probs, finite_capped_vector, sampled_rows
 from .activation import nonzero_rows
 from .autocast import autocast_inputs
+from .capacity import capacity
 from .records import linear_contributions
 
 
@@ -43,9 +44,9 @@ class LinearKind:
     def weight_of(self, module: nn.Module) -> torch.Tensor:
         return self.weight(module)
 
-    def build(self, name: str, module: nn.Module, runtime: Runtime, *,
-              weight_sampled: bool) -> "LinearSite":
-        return LinearSite(name, module, runtime, self, weight_sampled=weight_sampled)
+    def build(self, name: str, module: nn.Module, runtime: Runtime, *, weight_sampled: bool,
+              block: str | None = None) -> "LinearSite":
+        return LinearSite(name, module, runtime, self, weight_sampled=weight_sampled, block=block)
 
 
 class LinearSite:
@@ -58,17 +59,20 @@ class LinearSite:
         layout: how to read the module's weight and bias.
         weight_sampled: whether the controllers may sample this layer's weight gradient (they
             leave small layers exact); only then do calibrations record its SampleW row scores.
+        block: the block the layer lies in (None outside the blocks): its keep ratio bounds the
+            rows the sync-free path reserves.
     """
 
     kind = "linear"
 
     def __init__(self, name: str, module: nn.Module, runtime: Runtime, layout: LinearKind,
-                 *, weight_sampled: bool = True) -> None:
+                 *, weight_sampled: bool = True, block: str | None = None) -> None:
         self.name = name
         self.module = module
         self.runtime = runtime
         self.layout = layout
         self.weight_sampled = weight_sampled
+        self.block = block
         self.original_forward: Callable[..., torch.Tensor] = type(module).forward.__get__(module)
         # Rows per sample with a non-zero gradient the last time samples reached this layer:
         # the zero-row reference for a pass in which every sample was dropped above.
@@ -125,6 +129,14 @@ class LinearSite:
         extra = FlopBucket(backward_done=2.0 * _rows(x) * contributions.shape[1])
         self.runtime.tally.bucket(CALIBRATION).add(extra)
 
+    def reserved_samples(self, samples: int) -> int:
+        """How many samples the sync-free path reserves room for: every one outside the blocks
+        or without activation sampling, else the kept count's bound at this block's ratio."""
+        runtime = self.runtime
+        if self.block is None or not runtime.mode.sample_acts:
+            return samples
+        return capacity(runtime.ratios.act[self.block] * samples, samples)
+
     def nonzero_reference(self, row_norms: torch.Tensor, n_nonzero: int, samples: int) -> float:
         """Rows an exact backward that skips zero rows would have computed: the non-zero rows,
         with every sample that reaches no row here (dropped above) counted at the mean density
@@ -171,6 +183,8 @@ class _SampledLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.site.runtime.syncless(grad_out.device):
+            return _backward_without_sync(ctx, grad_out)
         x, weight = ctx.saved_tensors
         site: LinearSite = ctx.site
         runtime = site.runtime
@@ -262,3 +276,90 @@ def _row_norms(rows: torch.Tensor) -> torch.Tensor:
 
 def _gather(xs: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return xs if rows is None else xs.index_select(0, rows)
+
+
+# --------------------------------------------------------------------- the sync-free path
+def _backward_without_sync(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The same backward with nothing read back to the host (:mod:`vcas.ops.capacity`): the
+    non-zero rows are gathered into room reserved from the block's keep ratio, SampleW keeps
+    rows into room reserved from nu, and the FLOPs are those of the reserved rows."""
+    x, weight = ctx.saved_tensors
+    site: LinearSite = ctx.site
+    runtime = site.runtime
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gy = grad_out.reshape(-1, grad_out.shape[-1])
+    n_rows = gy.shape[0]
+    per_row = 2.0 * weight.numel()
+    products = int(need_x) + int(need_w)
+    row_norms = _row_norms(gy)
+    nonzero = row_norms != 0  # non-finite rows count as non-zero: they pass exactly
+    samples = ctx.samples
+    reserved = min(n_rows, site.reserved_samples(samples) * (n_rows // samples if n_rows % samples == 0 else 1))
+    if reserved > runtime.gather_below * n_rows:
+        rows, g_rows, reserved = None, gy, n_rows
+    else:
+        rows, factor = runtime.draws.select(nonzero, reserved)
+        g_rows = gy.index_select(0, rows) * factor.to(gy.dtype)
+        reserved = rows.numel()
+    flops = FlopBucket(backward_exact=per_row * n_rows * products,
+                       backward_nonzero=per_row * products * _nonzero_reference_on_device(nonzero, samples),
+                       backward_done=per_row * reserved * int(need_x))
+    grad_x = None
+    if need_x:
+        grad_x = _input_grad(g_rows, weight, rows, n_rows).reshape(ctx.input_shape)
+    grad_w = None
+    if need_w:
+        xs = x.reshape(-1, x.shape[-1])
+        x_rows = _gather(xs, rows)
+        grad_w, done = _weight_grad_without_sync(g_rows, x_rows, rows, nonzero, site, ctx.x_norms)
+        flops.backward_done += per_row * done
+    grad_b = g_rows.sum(0) if (need_b and ctx.has_bias) else None
+    runtime.count_backward(flops)
+    if need_w and site.records_samples():
+        site.record_samples(grad_out, x)
+    return grad_x, grad_w, grad_b, None, None
+
+
+def _weight_grad_without_sync(g_rows: torch.Tensor, x_rows: torch.Tensor, rows: torch.Tensor | None,
+                              nonzero: torch.Tensor, site: LinearSite,
+                              x_norms: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """dW from the gathered rows, SampleW into room reserved from nu (the same estimator as the
+    exact-size path; rows that overflow the room are thinned, re-weighted, unbiased)."""
+    runtime = site.runtime
+    reserved = g_rows.shape[0]
+    record = runtime.mode.record_row_scores and site.weight_sampled
+    if not (site.samples_weight() or record) or reserved == 0:
+        return g_rows.t() @ x_rows, reserved
+    norms_x = _row_norms(x_rows) if x_norms is None else _gather(x_norms, rows)
+    scores = _row_norms(g_rows) * norms_x
+    if record:
+        runtime.recorder.row_scores(site.name, scores)
+    if not site.samples_weight():
+        return g_rows.t() @ x_rows, reserved
+    nu = runtime.ratios.weight[site.name]
+    # nu is a fraction of the non-zero rows, counted on the device.
+    budget = nu * (nonzero.sum() if rows is None else nonzero.index_select(0, rows).sum())
+    finite = torch.isfinite(scores).all()
+    runtime.count_nonfinite(~finite)
+    safe = torch.where(finite, scores, torch.zeros_like(scores))
+    probs = capped_probs_on_device(safe, budget, capacity(nu * reserved, reserved))
+    keeps = runtime.draws.draw(g_rows.device).keeps(probs)
+    weights = torch.where(keeps > 0, keeps.to(probs.dtype) / probs.clamp(min=torch.finfo(probs.dtype).tiny),
+                          torch.zeros_like(probs))
+    kept, factor = runtime.draws.select(keeps > 0, capacity(nu * reserved, reserved))
+    room = kept.numel()
+    scale = (weights.index_select(0, kept) * factor).to(g_rows.dtype)
+    sampled = (g_rows.index_select(0, kept) * scale.unsqueeze(1)).t() @ x_rows.index_select(0, kept)
+    # A non-finite gradient stays non-finite (a GradScaler then skips the step), whatever was kept.
+    return torch.where(finite, sampled, torch.full_like(sampled, float("nan"))), room
+
+
+def _nonzero_reference_on_device(nonzero: torch.Tensor, samples: int) -> torch.Tensor:
+    """:meth:`LinearSite.nonzero_reference` kept on the device: the non-zero rows, with the
+    samples that reach no row here counted at the density of those that do."""
+    rows = nonzero.numel()
+    count = nonzero.sum().to(torch.float64)
+    if samples <= 1 or rows % samples:
+        return count
+    alive = nonzero.view(samples, -1).any(1).sum().to(torch.float64)
+    return torch.where(alive > 0, count * samples / alive.clamp(min=1), torch.full_like(count, float(rows)))

@@ -25,8 +25,8 @@ class SampleRecord:
         block: name of the block whose activation sampler the gradient passed last before
             reaching the layer (its samples carry that sampler's weights), or ``None`` above
             every sampler.
-        squared_norms: ``||c_i||^2`` per sample on the probe, float64, CPU.
-        total: ``sum_i c_i`` on the probe, float64, CPU.
+        squared_norms: ``||c_i||^2`` per sample on the probe, float64 (CPU once taken).
+        total: ``sum_i c_i`` on the probe, float64 (CPU once taken).
         pass_norms: the per-sample gradient norms every sampler recorded in the same pass (one
             dict, block name -> norms, shared by the pass's records), from which the samplers
             are simulated.
@@ -84,6 +84,7 @@ def linear_contributions(grad_out: torch.Tensor, x: torch.Tensor, probe: LinearP
 
 
 def contribution_moments(contributions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``||c_i||^2`` per sample and ``sum_i c_i``, float64 on the CPU."""
+    """``||c_i||^2`` per sample and ``sum_i c_i``, float64, on the contributions' device (the
+    recorder moves them to the CPU when the controller takes them, outside the step)."""
     c = contributions.double()
-    return c.pow(2).sum(1).cpu(), c.sum(0).cpu()
+    return c.pow(2).sum(1), c.sum(0)

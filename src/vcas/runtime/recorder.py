@@ -84,7 +84,7 @@ class Recorder:
         """A block sampler's per-sample gradient norms (``samples``: the adaptive records,
         which also mark the block as the last sampler the gradient passed)."""
         current = self._current()
-        current.norms[block] = norms.detach().cpu()
+        current.norms[block] = norms.detach()
         if samples:
             current.last_block = block
 
@@ -95,7 +95,7 @@ class Recorder:
         current.samples.setdefault(layer, []).append(record)
 
     def row_scores(self, layer: str, scores: torch.Tensor) -> None:
-        self._current().row_scores.setdefault(layer, []).append(scores.detach().cpu())
+        self._current().row_scores.setdefault(layer, []).append(scores.detach())
 
     # ------------------------------------------------------------------ read by the controller
     @property
@@ -109,6 +109,8 @@ class Recorder:
     def take(self) -> Records:
         """Every record since the last take, by layer name in pass order; the recorder is emptied."""
         passes = [p for p in self._passes if not p.empty]
+        for p in passes:
+            _to_cpu(p)
         samples: dict[str, list[SampleRecord]] = {}
         scores: dict[str, list[torch.Tensor]] = {}
         norms: dict[str, list[torch.Tensor]] = {}
@@ -137,3 +139,14 @@ class Recorder:
                    "steps itself: until then the controller never updates and every backward stays exact")
         warnings.warn(message, stacklevel=3)
         logger.warning(message)
+
+
+def _to_cpu(records: PassRecords) -> None:
+    """Move a pass's records to the CPU in place (its records share its norms dict)."""
+    for block, norms in records.norms.items():
+        records.norms[block] = norms.cpu()
+    for layer in records.samples.values():
+        for record in layer:
+            record.squared_norms, record.total = record.squared_norms.cpu(), record.total.cpu()
+    for name, scores in records.row_scores.items():
+        records.row_scores[name] = [s.cpu() for s in scores]

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..ops.capacity import select as capacity_select
 from ..sampling import BernoulliDraw, ExpectedDraw
 
 
@@ -75,6 +76,10 @@ class SamplingGenerators:
         """The samplers' keep decisions on ``device``, from this controller's generator."""
         return BernoulliDraw(self.for_device(device))
 
+    def select(self, marked: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sync-free path's fixed-size selection (:func:`vcas.ops.capacity.select`)."""
+        return capacity_select(marked, size, self.for_device(marked.device))
+
     def for_device(self, device: torch.device) -> torch.Generator:
         key = str(device)
         if key not in self._generators:
@@ -105,3 +110,8 @@ class ExpectedDraws:
 
     def draw(self, device: torch.device) -> ExpectedDraw:
         return ExpectedDraw()
+
+    def select(self, marked: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every item with weight 1: a selection thins an overflow at random and re-weights the
+        chosen by ``marked / size``, which is the identity in expectation."""
+        return torch.arange(marked.numel(), device=marked.device), torch.ones((), device=marked.device)

@@ -32,10 +32,13 @@ class Runtime:
         recompute_below: blocks whose keep ratio is at most this recompute compactly.
         gather_below: linears gather the non-zero rows of their incoming gradient only when at
             most this fraction of the rows is non-zero.
+        sync_free: whether the ops avoid every host synchronisation (fixed-capacity selections,
+            :mod:`vcas.ops.capacity`): True, False, or None for "on CUDA devices only".
     """
 
     def __init__(self, ratios: RatioTable, generators: SamplingGenerators, recorder: Recorder, *,
-                 recompute_below: float = 0.0, gather_below: float = 1.0) -> None:
+                 recompute_below: float = 0.0, gather_below: float = 1.0,
+                 sync_free: bool | None = None) -> None:
         self.mode: Mode = SAMPLING
         self._base_mode: Mode = SAMPLING
         self.ratios = ratios
@@ -46,7 +49,9 @@ class Runtime:
         self.replay: object | None = None
         self.recompute_below = recompute_below
         self.gather_below = gather_below
-        self.nonfinite_gradients = 0
+        self.sync_free = sync_free
+        self._nonfinite = 0
+        self._nonfinite_on_device: list[torch.Tensor] = []
         self.compact_backwards = 0
         # Training forwards since the controller last counted an optimizer step.
         self.forwards_since_step = 0
@@ -97,8 +102,24 @@ class Runtime:
     def count_backward(self, flops: FlopBucket) -> None:
         self.tally.bucket(self.mode.phase).add(flops)
 
-    def count_nonfinite(self) -> None:
-        self.nonfinite_gradients += 1
+    def count_nonfinite(self, flag: torch.Tensor | None = None) -> None:
+        """Count a gradient that was not finite; ``flag`` (a device boolean) counts it without
+        reading it now (the sync-free path)."""
+        if flag is None:
+            self._nonfinite += 1
+        else:
+            self._nonfinite_on_device.append(flag.detach().to(torch.int64))
+
+    @property
+    def nonfinite_gradients(self) -> int:
+        if self._nonfinite_on_device:  # read here, outside the training step
+            self._nonfinite += int(sum(flag.sum().cpu() for flag in self._nonfinite_on_device))
+            self._nonfinite_on_device.clear()
+        return self._nonfinite
+
+    def syncless(self, device: torch.device) -> bool:
+        """Whether ops on ``device`` take the sync-free path."""
+        return device.type == "cuda" if self.sync_free is None else self.sync_free
 
     # ------------------------------------------------------------------ shared input norms
     def input_row_norms(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,9 @@ from vcas.sampling import capped_proportional_probs, sampled_weights
 class NaiveLinearKind(LinearKind):
     """``nn.Linear`` with the naive sampled backward."""
 
-    def build(self, name: str, module: nn.Module, runtime: Runtime, *,
-              weight_sampled: bool) -> LinearSite:
-        return NaiveLinearSite(name, module, runtime, self, weight_sampled=weight_sampled)
+    def build(self, name: str, module: nn.Module, runtime: Runtime, *, weight_sampled: bool,
+              block: str | None = None) -> LinearSite:
+        return NaiveLinearSite(name, module, runtime, self, weight_sampled=weight_sampled, block=block)
 
 
 class NaiveLinearSite(LinearSite):
