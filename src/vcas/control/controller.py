@@ -111,8 +111,9 @@ class Controller:
 
         The paper's controller calibrates every ``update_every`` steps on ``mc_samples`` batches
         of its own. The adaptive one calibrates on the training steps themselves, so ``loss_fn``
-        and ``batches`` only serve to measure the model's FLOPs once (optional: without them the
-        FLOPs are measured on the first forward).
+        and ``batches`` only serve to measure the FLOPs of the rest of the model once (optional:
+        without them the FLOPs reductions cover the sampled layers only, and
+        ``stats()["flops_scope"]`` stays ``"sampled_layers"``).
 
         Args:
             loss_fn: ``loss_fn(batch) -> scalar loss``, computed like the training loss.
@@ -234,7 +235,10 @@ class Controller:
         gradient accumulation, only real steps are. Wrappers (accelerate's ``AcceleratedOptimizer``,
         Lightning's) are looked through to the torch optimizer."""
         inner = optimizer
-        while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        # Wrappers that subclass Optimizer themselves (accelerate's, Lightning's) step the inner one
+        # only on real steps (accelerate skips accumulation micro-batches): hook the innermost.
+        while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer) or \
+                (not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer")):
             inner = inner.optimizer
         if not isinstance(inner, torch.optim.Optimizer):
             raise ConfigError(f"optimizer= must be a torch.optim.Optimizer (or a wrapper of one), "
@@ -449,7 +453,9 @@ def attach(model: nn.Module, config: VCASConfig | None = None, *, blocks: BlockS
         optimizer: count this optimizer's steps (its step post-hook) instead of calls to
             ``maybe_calibrate``: nothing else is needed in the training loop.
         loss_fn: ``loss_fn(batch) -> scalar loss`` for calibration passes and the FLOPs
-            measurement; the paper's controller needs it (here or at ``maybe_calibrate``).
+            measurement; the paper's controller needs it (here or at ``maybe_calibrate``, and here
+            with ``optimizer=``). The adaptive one does without; its FLOPs reductions then cover
+            the sampled layers only (``stats()["flops_scope"] == "sampled_layers"``).
         calibration_data: batches for ``loss_fn`` (an iterable such as a DataLoader, other than
             the training iterator).
         check_batch_first: check during each forward that every block's hidden state has a
@@ -481,7 +487,8 @@ def attach(model: nn.Module, config: VCASConfig | None = None, *, blocks: BlockS
     subsets, layer_probes = probes(plan, measured, config.param_fraction, seed)
     ratios = RatioTable.ones(plan.block_names, [site.name for site in plan.linears])
     runtime = Runtime(ratios, SamplingGenerators(seed, distributed.rank()), Recorder(layer_probes),
-                      recompute_below=config.recompute_below, gather_below=config.gather_below)
+                      recompute_below=config.recompute_below, gather_below=config.gather_below,
+                      sync_free=config.sync_free)
     installation = Installation(target, plan, runtime, min_weight_numel=config.min_weight_numel,
                                 check_batch_first=check_batch_first)
     mechanism = Mechanism(target, plan, installation, measured, subsets, ddp)

@@ -5,29 +5,39 @@
     trainer = L.Trainer(callbacks=[VCASCallback(vcas.VCASConfig(update_every=50))], ...)
     trainer.fit(module, train_loader)
 
-The callback only delegates to the methods a plain loop calls: it attaches when fitting starts,
-calls ``maybe_calibrate`` once per optimizer step (so ``accumulate_grad_batches`` counts optimizer
-steps, not micro-batches), logs :func:`~vcas.integrations.metrics` with ``pl_module.log_dict``,
-and saves the controller in Lightning checkpoints. Under the DDP strategy every rank runs it; the
-controllers stay identical (see :mod:`vcas.control.distributed`).
+When training starts (``on_train_start``, after the strategy has set up the module and its
+optimizers) the callback attaches with the optimizer that trains the sampled layers,
+``vcas.attach(module, config, optimizer=...)``: the controller counts that optimizer's real
+steps itself, so ``accumulate_grad_batches`` counts optimizer steps, not micro-batches, and steps
+the fp16 grad scaler skips (inf/NaN gradients) are not counted. Otherwise it only logs
+:func:`~vcas.integrations.metrics` with ``pl_module.log_dict`` once per optimizer step, and
+saves the controller's state (with the position of the default calibration stream) in Lightning
+checkpoints: ``trainer.fit(module, ckpt_path=...)`` resumes it exactly.
+
+DeepSpeed and FSDP1 strategies (``DeepSpeedStrategy``, ``FSDPStrategy``) are refused in
+``setup``, before the strategy wraps the module; FSDP2 through ``ModelParallelStrategy`` is
+accepted. Under the DDP strategy every rank runs the callback; the controllers stay identical
+(see :mod:`vcas.control.distributed`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Mapping
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from ..control import distributed
 from ..config import VCASConfig
+from ..control import distributed
 from ..control.controller import Controller, attach
-from .common import calibration_batches, loader_batch_size, metrics
+from ..errors import AttachError, ConfigError
+from ..plan.wrappers import deepspeed_message, fsdp1_message
+from .common import calibration_batches, loader_batch_size, metrics, restore_stream, stream_state
 
-__all__ = ["VCASCallback"]
+__all__ = ["VCASCallback", "check_strategy"]
 
 
 class VCASCallback(pl.Callback):
@@ -35,83 +45,101 @@ class VCASCallback(pl.Callback):
 
     Args:
         config: the :class:`~vcas.VCASConfig` (its defaults if ``None``).
-        loss_fn: ``loss_fn(pl_module, batch) -> scalar loss`` for calibration; default: the
-            module's ``training_step`` (its ``self.log`` calls are silenced during calibration),
-            run in the precision plugin's autocast context like training. Required with manual
-            optimization, whose ``training_step`` does not return the loss.
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar loss`` for calibration passes (the
+            paper's controller) and the one FLOPs measurement; default: the module's
+            ``training_step`` (its ``self.log`` calls are silenced), run in the precision
+            plugin's autocast context like training. Required with manual optimization, whose
+            ``training_step`` does not return the loss.
         calibration_data: an iterable of batches to calibrate on; default: an endless shuffled
-            stream from the training DataLoader's dataset and collate function through a separate
-            DataLoader, so the training batch order is unchanged.
-        **attach_options: keyword options of :func:`vcas.attach` (``blocks``, ``include``, ...).
+            stream from the training DataLoader's dataset and collate function
+            (:class:`~vcas.integrations.common.CalibrationBatches`), so the training batch order
+            is unchanged. Its position is checkpointed (as is that of any source with
+            ``state_dict()`` / ``load_state_dict()``).
+        **attach_options: keyword options of :func:`vcas.attach` (``blocks``, ``include``, ...);
+            not ``optimizer``, ``loss_fn`` or ``calibration_data``, which the callback passes.
 
-    The controller is ``callback.controller`` (``None`` before fitting starts).
+    The adaptive controller calibrates on the training steps themselves and uses the loss and
+    batches only to measure the FLOPs of the rest of the model once; without them the FLOPs
+    reductions cover the sampled layers only (``stats()["flops_scope"] == "sampled_layers"``).
+    The paper's controller calibrates on batches of its own, every ``update_every`` steps.
+
+    The controller is ``callback.controller`` (``None`` before training starts).
     """
 
     def __init__(self, config: VCASConfig | None = None, *,
                  loss_fn: Callable[[pl.LightningModule, Any], torch.Tensor] | None = None,
                  calibration_data: Iterable[Any] | None = None, **attach_options: Any) -> None:
+        taken = sorted({"optimizer", "loss_fn", "calibration_data"} & set(attach_options))
+        if taken:
+            raise TypeError(f"VCASCallback passes {', '.join(taken)} to vcas.attach itself (the "
+                            "module's optimizer; VCASCallback(loss_fn=..., calibration_data=...)); "
+                            f"remove {', '.join(taken)} from its keyword options")
         self.config = config if config is not None else VCASConfig()
         self.attach_options = attach_options
         self.loss_fn = loss_fn
         self.calibration_data = calibration_data
         self.controller: Controller | None = None
-        self._pending_state: dict[str, Any] | None = None
+        self._trainer: pl.Trainer | None = None
         self._batches: Iterable[Any] | None = None
+        self._pending_state: dict[str, Any] | None = None
         self._last_step = 0
-        self._scale_before_step: float | None = None
 
     # ------------------------------------------------------------------ Lightning hooks
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After configure_model and the strategy's wrapping: attach to the module itself.
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # the callback acts in fit only
+            check_strategy(trainer.strategy)  # before the strategy wraps or shards the module
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer = trainer
         if self.controller is not None and self.controller.model is not pl_module:
             self.controller.detach()  # fitting another module with the same callback
             self.controller = None
         if self.controller is None:
-            self.controller = attach(pl_module, self.config, **self.attach_options)
+            if self._batches is None:
+                self._batches = self.calibration_data if self.calibration_data is not None \
+                    else _default_batches(trainer, self.config)
+            self.controller = attach(pl_module, self.config, loss_fn=self._loss,
+                                     calibration_data=self._batches, **self.attach_options)
+            try:
+                self.controller.hook_optimizer(_training_optimizer(trainer, self.controller))
+            except Exception:
+                self.controller.detach()  # leave the module as it was
+                self.controller = None
+                raise
+        else:
+            self.controller.hook_optimizer(_training_optimizer(trainer, self.controller))
         if self._pending_state is not None:
-            self.controller.load_state_dict(self._pending_state)
+            self.controller.load_state_dict(self._pending_state["controller"])
+            restore_stream(self._batches, self._pending_state.get("calibration"))
             self._pending_state = None
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step
-        if self._batches is None:
-            self._batches = self.calibration_data if self.calibration_data is not None \
-                else _default_batches(trainer, self.config)
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
-        scaler = _grad_scaler(trainer)
-        self._scale_before_step = scaler.get_scale() if scaler is not None else None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if self.controller is None or trainer.global_step == self._last_step:
             return  # no optimizer step in this batch (gradient accumulation)
         self._last_step = trainer.global_step
-        if self._step_was_skipped(trainer):
-            return  # fp16: the grad scaler skipped this step for inf/NaN; it is not a step
-        self.controller.maybe_calibrate(lambda b: self._loss(trainer, pl_module, b), self._batches)
         pl_module.log_dict(metrics(self.controller), on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"controller": self.controller.state_dict()} if self.controller is not None else {}
+        if self.controller is None:
+            return {}
+        return {"controller": self.controller.state_dict(), "calibration": stream_state(self._batches)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Lightning restores callbacks before on_fit_start attaches: keep it until then.
-        if "controller" in state_dict:
-            if self.controller is not None:
-                self.controller.load_state_dict(state_dict["controller"])
-            else:
-                self._pending_state = state_dict["controller"]
+        # Lightning restores callbacks before training starts: kept until the controller exists.
+        if "controller" not in state_dict:
+            return
+        if self.controller is not None:
+            self.controller.load_state_dict(state_dict["controller"])
+            restore_stream(self._batches, state_dict.get("calibration"))
+        else:
+            self._pending_state = state_dict
 
     # ------------------------------------------------------------------ internals
-    def _step_was_skipped(self, trainer: pl.Trainer) -> bool:
-        scaler = _grad_scaler(trainer)
-        before, self._scale_before_step = self._scale_before_step, None
-        # GradScaler.update lowers the scale exactly when it found inf/NaN and skipped the step.
-        return scaler is not None and before is not None and scaler.get_scale() < before
-
-    def _loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
+    def _loss(self, batch: Any) -> torch.Tensor:
+        trainer = self._trainer
+        pl_module = self.controller.model
         batch = trainer.strategy.batch_to_device(batch)
         if self.loss_fn is not None:
             return self.loss_fn(pl_module, batch)
@@ -123,6 +151,37 @@ class VCASCallback(pl.Callback):
                 "training_step returned no loss to calibrate on (manual optimization, or a step "
                 "that returns None); pass VCASCallback(loss_fn=lambda module, batch: ...)")
         return loss
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse Lightning strategies that use DeepSpeed or FSDP1.
+
+    Raises:
+        AttachError: with the reason and what to use instead (``ModelParallelStrategy`` for FSDP2).
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise AttachError(deepspeed_message(f"the Lightning strategy {type(strategy).__name__}"))
+    if isinstance(strategy, FSDPStrategy):
+        raise AttachError(fsdp1_message(f"the Lightning strategy {type(strategy).__name__}"))
+
+
+def _training_optimizer(trainer: pl.Trainer, controller: Controller) -> torch.optim.Optimizer:
+    """The one optimizer that updates the weights the controller samples."""
+    optimizers = list(trainer.strategy.optimizers)
+    sampled = {id(p) for p in controller.measured_parameters.values()}
+    holding = [opt for opt in optimizers
+               if any(id(p) in sampled for group in opt.param_groups for p in group["params"])]
+    if len(holding) == 1:
+        return holding[0]
+    if not holding:
+        raise ConfigError("VCASCallback counts the steps of the optimizer that trains the sampled "
+                          "layers, and no optimizer from configure_optimizers holds their weights")
+    raise ConfigError(
+        f"VCASCallback counts the steps of the optimizer that trains the sampled layers, and "
+        f"{len(holding)} optimizers hold their weights; attach in your LightningModule instead: "
+        "controller = vcas.attach(self, cfg, optimizer=<the one whose steps count>) in on_train_start")
 
 
 def _call_training_step(pl_module: pl.LightningModule, batch: Any) -> Any:
@@ -142,10 +201,6 @@ def _logging_silenced(pl_module: pl.LightningModule) -> Iterator[None]:
         yield
     finally:
         del pl_module.log, pl_module.log_dict
-
-
-def _grad_scaler(trainer: pl.Trainer) -> Any:
-    return getattr(trainer.precision_plugin, "scaler", None)
 
 
 def _default_batches(trainer: pl.Trainer, config: VCASConfig) -> Iterable[Any]:
