@@ -340,9 +340,18 @@ def _label(value: Any, path: str) -> int | str:
 
 
 # --------------------------------------------------------------------- the registry
+def _language_tasks() -> Any:
+    """:mod:`vcas_lab.tasks_lm` (it builds on this module, so it is imported when needed)."""
+    from . import tasks_lm
+
+    return tasks_lm
+
+
 BUILTIN: dict[str, Callable[[int], Task]] = {
     "bbc-minilm": lambda max_length: bbc_minilm(max_length),
     "bbc3-minilm-small": lambda max_length: bbc3_minilm_small(max_length),
+    "bbc-minilm-lora": lambda max_length: _language_tasks().bbc_minilm_lora(max_length),
+    "bbc-lm": lambda max_length: _language_tasks().bbc_lm(max_length),
     "mnist-vit": lambda max_length: mnist_vit(),
 }
 

@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..accounting import FlopTally, OtherWork
 from ..ops.records import FlatProbe, LinearProbe, SampleRecord, linear_probe
+from ..plan.checkpointing import checkpointing_suspended
 from ..plan.discovery import Plan
 from ..runtime.mode import EXACT, RECORDING_STEP, SAMPLING, Mode
 from ..runtime.ratios import RatioTable
@@ -122,8 +123,10 @@ class Mechanism:
     @contextlib.contextmanager
     def isolated(self, mode: Mode | None = None, **changes: object) -> Iterator[None]:
         """Run extra passes that leave training untouched: every RNG stream and buffer is
-        restored, DDP does not synchronise, and the installed ops run under ``mode``."""
-        with preserved_training_state(self.model), _no_sync(self.ddp), \
+        restored, DDP does not synchronise, and the installed ops run under ``mode``. The passes
+        take gradients with ``autograd.grad``, which torch's reentrant checkpoint refuses: they
+        run with transformers' activation checkpointing switched off."""
+        with preserved_training_state(self.model), _no_sync(self.ddp), checkpointing_suspended(self.model), \
                 self.runtime.using(mode or self.runtime.mode, **changes):
             yield
 

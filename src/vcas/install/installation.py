@@ -3,7 +3,9 @@
 Nothing the user owns is replaced: parameters, buffers, module classes and state_dict keys stay
 the same. A sampled layer (and a block that may recompute compactly) gets an instance-level
 ``forward`` (deleted again on removal); a block gets forward hooks and the model a pair of hooks
-that record the batch size of its inputs (all removed on removal).
+that record the batch size of its inputs (all removed on removal). A PEFT tuner gets
+instance-level ``merge_and_unload`` / ``unload`` that refuse until removal
+(:mod:`vcas.install.peft`).
 
 Everything installed refuses to be pickled or deep-copied, so ``torch.save(model)`` and
 ``copy.deepcopy(model)`` of an attached model fail with a message that names ``detach()``
@@ -25,6 +27,7 @@ from ..ops.recompute import CompactBlock
 from ..plan.discovery import Plan
 from ..plan.outputs import check_batch_first, find_hidden_state, input_batch_sizes
 from ..runtime.runtime import Runtime
+from .peft import refusal, unloading_methods
 from .registry import Site
 
 # Training forwards without a controller step after which vcas says what to call.
@@ -79,7 +82,7 @@ class Installation:
         self.check_batch_first = check_batch_first
         self.samplers = {name: BlockSampler(name, runtime, above=plan.above[name]) for name, _ in plan.blocks}
         self.sites: dict[str, Site] = {
-            site.name: site.kind.build(site.name, site.module, runtime,
+            site.name: site.kind.build(site.name, site.module, runtime, block=site.block,
                                        weight_sampled=site.trainable and site.weight.numel() >= min_weight_numel)
             for site in plan.sites}
         # Blocks whose forward another library already replaced keep it (and the full backward),
@@ -90,6 +93,7 @@ class Installation:
                                and id(module) not in site_modules}
         self._handles: list[RemovableHandle] = []
         self._forwards: list[tuple[nn.Module, _Installed]] = []
+        self._guards: list[tuple[nn.Module, str, _Installed]] = []
         self.installed = False
 
     def install(self) -> None:
@@ -112,6 +116,11 @@ class Installation:
             forward = _Installed(target)
             target.module.forward = forward
             self._forwards.append((target.module, forward))
+        # PEFT's unloading would carry the sampled forwards into the model it returns (vcas.install.peft).
+        for module, method in unloading_methods(model):
+            stand_in = _Installed(refusal(method))
+            setattr(module, method, stand_in)
+            self._guards.append((module, method, stand_in))
         self.installed = True
 
     def remove(self) -> None:
@@ -122,6 +131,10 @@ class Installation:
             if module.__dict__.get("forward") is forward:
                 del module.forward
         self._forwards = []
+        for module, method, guard in self._guards:
+            if module.__dict__.get(method) is guard:
+                delattr(module, method)
+        self._guards = []
         self.installed = False
 
     def _model_forward_ends(self, module: nn.Module, args: tuple, output: Any) -> None:

@@ -37,11 +37,13 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..accounting import FlopBucket, FlopTally
+from ..plan.checkpointing import checkpoint_free_forward, checkpoints, inside_checkpoint
 from ..plan.outputs import find_hidden_state, iter_tensors, replace_tensor
 from ..runtime.mode import CALIBRATION, TRAIN
 from ..runtime.rng import RngSnapshot
 from ..runtime.runtime import Runtime
 from .activation import nonzero_indices, per_sample_norms
+from .capacity import capacity
 
 logger = logging.getLogger("vcas")
 
@@ -103,6 +105,9 @@ class ForwardReplay(TorchFunctionMode):
         self.outputs: list[torch.Tensor] = []
         self.unreplayable: str | None = None
         self.layers = Layers.RECORD
+        # Whether a graph-free recording keeps the sampled layers' outputs for the re-run to
+        # replay; without them (a block that checkpoints) the re-run computes them.
+        self.keep_outputs = True
         self._kept: torch.Tensor | None = None
         self._batch = 0
         self._positions = [0, 0]
@@ -149,7 +154,8 @@ class ForwardReplay(TorchFunctionMode):
             return out
         out = compute()
         self.runtime.count_forward(flops(out))
-        self.outputs.append(out)
+        if self.keep_outputs:
+            self.outputs.append(out)
         return out
 
     # ------------------------------------------------------------------ dropout and random ops
@@ -182,7 +188,7 @@ class ForwardReplay(TorchFunctionMode):
         self._positions[slot] += 1
         value = recorded[position]
         if self._kept is not None and value.dim() > 0 and value.shape[0] == self._batch:
-            value = value.index_select(0, self._kept)
+            value = select_samples(value, self._kept)
         if shape is not None and value.shape != shape:
             raise _ReplayMismatch(f"{what} {tuple(value.shape)} where the re-run has {tuple(shape)}")
         return value
@@ -205,6 +211,9 @@ class CompactBlock:
         self.module = module
         self.runtime = runtime
         self.original_forward: Callable[..., Any] = type(module).forward.__get__(module)
+        # The forward of its own passes: inside transformers' checkpointing wrapper, if any
+        # (:mod:`vcas.plan.checkpointing`); the block runs its original forward otherwise.
+        self.inner_forward: Callable[..., Any] = checkpoint_free_forward(module) or self.original_forward
         self.status = "unverified"
         self.reason: str | None = None
         self.agreements = 0
@@ -232,6 +241,16 @@ class CompactBlock:
         self.intercept = bool(replay.masks)
         return self._attach_backward(output, hidden, flat, spec, replay, layer_flops)
 
+    def reserved_selection(self, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The sync-free path's kept samples: room reserved from the block's keep ratio, the
+        samples with a non-zero gradient first (:mod:`vcas.ops.capacity`); their gradient."""
+        batch = grad.shape[0]
+        room = capacity(self.runtime.ratios.act[self.name] * batch, batch)
+        if room >= batch:
+            return None, grad
+        kept, factor = self.runtime.draws.select(per_sample_norms(grad) != 0, room)
+        return kept, grad.index_select(0, kept) * factor.to(grad.dtype)
+
     # ------------------------------------------------------------------ decisions
     def _wanted(self) -> bool:
         runtime = self.runtime
@@ -239,7 +258,8 @@ class CompactBlock:
         return (mode.enabled and torch.is_grad_enabled() and mode.sample_acts and mode.phase == TRAIN
                 and runtime.replay is None and self.status != "full"
                 and runtime.ratios.act[self.name] <= runtime.recompute_below
-                and not torch.compiler.is_compiling() and not _flop_counter_active())
+                and not torch.compiler.is_compiling() and not _flop_counter_active()
+                and not inside_checkpoint())
 
     def _refuse(self, reason: str, args: tuple, kwargs: dict) -> Any:
         self._give_up(reason)
@@ -285,9 +305,10 @@ class CompactBlock:
         unseen (the same numbers: the generators are restored first). Also returns the forward
         FLOPs of the block's sampled layers."""
         replay = ForwardReplay(self.runtime)
+        replay.keep_outputs = not checkpoints(self.module)  # checkpointing keeps only the inputs
         scratch = FlopTally()
         with torch.no_grad(), self.runtime.counting_into(scratch), replay.active(self.intercept):
-            output = self.original_forward(*args, **kwargs)
+            output = self.inner_forward(*args, **kwargs)
         if self.intercept or not rng.advanced():
             forward = scratch.train.forward + scratch.calibration.forward
             self.runtime.tally.bucket(self.runtime.mode.phase).forward += forward
@@ -310,7 +331,7 @@ class CompactBlock:
         beside it; the backward is checked against the compact re-run (design note above)."""
         replay = ForwardReplay(self.runtime)
         with replay.active(intercept=True):
-            output = self.original_forward(*args, **kwargs)
+            output = self.inner_forward(*args, **kwargs)
         hidden = find_hidden_state(output)
         reason = self._ineligible(output, hidden, flat, replay)
         if reason is not None:  # the forward ran as usual (it built its graph): keep its output
@@ -334,6 +355,7 @@ class _RerunContext:
         self.autocast, self.autocast_dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
         self.n_tensors = sum(isinstance(leaf, torch.Tensor) for leaf in flat)
         self.layer_flops = layer_flops
+        self.layers = Layers.REPLAY if replay.keep_outputs else Layers.COMPUTE
 
 
 class _CompactFunction(torch.autograd.Function):
@@ -357,15 +379,19 @@ class _CompactFunction(torch.autograd.Function):
         inputs, params = saved[:n_inputs], saved[n_inputs:n_inputs + n_params]
         recorded = saved[n_inputs + n_params:]
         needs = ctx.needs_input_grad[1:]
-        runtime = context.block.runtime
+        block = context.block
+        runtime = block.runtime
         # Decided from the gradient that arrives (already sampled at the block output).
-        kept = nonzero_indices(per_sample_norms(grad), runtime)
-        if kept is not None and kept.numel() == 0:
-            # Every sample dropped: the re-run of one sample with a zero gradient counts the
-            # work an exact backward would have done (and returns zeros: DistributedDataParallel
-            # expects a gradient for every parameter).
-            kept = torch.zeros(1, dtype=torch.long, device=grad.device)
-        grad_kept = grad if kept is None else grad.index_select(0, kept)
+        if runtime.syncless(grad.device):
+            kept, grad_kept = block.reserved_selection(grad)
+        else:
+            kept = nonzero_indices(per_sample_norms(grad), runtime)
+            if kept is not None and kept.numel() == 0:
+                # Every sample dropped: the re-run of one sample with a zero gradient counts the
+                # work an exact backward would have done (and returns zeros: DistributedDataParallel
+                # expects a gradient for every parameter).
+                kept = torch.zeros(1, dtype=torch.long, device=grad.device)
+            grad_kept = grad if kept is None else grad.index_select(0, kept)
         replay = context.replay
         replay.masks, replay.outputs = list(recorded[:ctx.n_masks]), list(recorded[ctx.n_masks:])
         runtime.compact_backwards += 1
@@ -374,7 +400,7 @@ class _CompactFunction(torch.autograd.Function):
                            (context.autocast, context.autocast_dtype))
             input_grads, param_grads = rerun.backward(kept, grad_kept, grad.shape[0],
                                                       needs[:n_inputs], needs[n_inputs:n_inputs + n_params],
-                                                      context.layer_flops)
+                                                      context.layer_flops, context.layers)
         finally:
             replay.masks, replay.outputs = [], []
         return (None, *input_grads, *param_grads, *(None for _ in recorded))
@@ -422,7 +448,7 @@ class _Rerun:
             args, kwargs = tree_unflatten(compact, self.spec)
             intercept = bool(self.replay.masks)
             with self.replay.rerun(kept, batch, layers).active(intercept):
-                hidden = find_hidden_state(self.block.original_forward(*args, **kwargs))
+                hidden = find_hidden_state(self.block.inner_forward(*args, **kwargs))
             targets = [compact[i] for i in wanted] + [p for p, need in zip(self.params, param_needs) if need]
             grads = torch.autograd.grad(hidden, targets, grad_kept.to(hidden.dtype), allow_unused=True)
         return (_input_grads(self.inputs, self.leaves, wanted, grads, kept, batch),
@@ -480,8 +506,11 @@ class _Verification:
                            record_row_scores=False, record_norms=False):
             try:
                 full = rerun.backward(None, grad, batch, input_needs, param_needs, 0.0, Layers.COMPUTE)
+                # As the block's compact backward will: replaying its layers' outputs, or
+                # computing them where checkpointing keeps none.
+                layers = Layers.COMPUTE if checkpoints(self.block.module) else Layers.REPLAY
                 compact = rerun.backward(kept, grad.index_select(0, kept), batch, input_needs,
-                                         param_needs, 0.0, Layers.REPLAY)
+                                         param_needs, 0.0, layers)
             except _ReplayMismatch as error:
                 self.block.record_verdict(False, f"a re-run differs from the forward: {error}")
                 return
@@ -545,7 +574,15 @@ def _cuda_devices(flat: list) -> list[torch.device]:
 def _select(leaf: Any, kept: torch.Tensor | None, batch: int) -> Any:
     if kept is None or not isinstance(leaf, torch.Tensor) or leaf.dim() == 0 or leaf.shape[0] != batch:
         return leaf
-    return leaf.index_select(0, kept)
+    return select_samples(leaf, kept)
+
+
+def select_samples(value: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``value.index_select(0, kept)``, through a 2-D view when ``value`` is contiguous: one
+    contiguous block per sample (several times faster on a CPU for 4-D boolean masks)."""
+    if value.dim() <= 2 or not value.is_contiguous():
+        return value.index_select(0, kept)
+    return value.view(value.shape[0], -1).index_select(0, kept).view(kept.numel(), *value.shape[1:])
 
 
 def _fill(flat: list, tensors: tuple[torch.Tensor, ...]) -> list:

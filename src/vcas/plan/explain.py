@@ -64,8 +64,10 @@ class Explanation:
     def summary(self) -> str:
         """One line: counts of blocks, sampled layers by type, exact layers by reason."""
         block_types = ", ".join(sorted({b.type_name for b in self.blocks}))
+        frozen = sum(r.detail.startswith(_FROZEN) for r in self.sampled)
+        kinds = _counts(r.type_name for r in self.sampled) + (f"; {frozen} with a frozen weight" if frozen else "")
         line = (f"{len(self.blocks)} blocks ({block_types}), {len(self.sampled)} sampled layers "
-                f"({_counts(r.type_name for r in self.sampled)}), {len(self.exact)} exact")
+                f"({kinds}), {len(self.exact)} exact")
         outside = sum(r.detail.startswith("outside") for r in self.exact)
         if outside:
             line += f" ({outside} outside the blocks)"
@@ -124,12 +126,15 @@ def _site_detail(site: PlannedSite, min_weight_numel: int) -> str:
     if not site.is_linear:
         return "convolution: skips zero-gradient samples"
     if not site.trainable:
-        return ("linear, frozen weight: input gradient only, on non-zero rows (sampled through "
-                "the block samplers above); no weight gradient, no input kept for one")
+        return (f"{_FROZEN}: input gradient only, on non-zero rows (sampled through the block "
+                "samplers above); no weight gradient, no input kept for one")
     if site.weight.numel() < min_weight_numel:
         return (f"linear: skips zero-gradient rows; weight gradient exact (fewer than "
                 f"min_weight_numel={min_weight_numel} entries)")
     return "linear: skips zero-gradient rows, samples the weight gradient (SampleW)"
+
+
+_FROZEN = "linear, frozen weight"  # how a sampled linear with a frozen weight is described
 
 
 def _report(name: str, module: nn.Module, detail: str) -> LayerReport:
