@@ -178,7 +178,8 @@ class ForwardReplay(TorchFunctionMode):
             return input.copy_(output) if inplace else output
         scale = 0.0 if p == 1 else 1.0 / (1 - p)
         mask = self._next(self.masks, 0, input.shape, "dropout mask")
-        return input * mask.to(input.dtype).mul_(scale)
+        # input * mask * scale in one pass each way, from the boolean mask (no float copy of it).
+        return torch.ops.aten.native_dropout_backward(input, mask, scale)
 
     def _next(self, recorded: list[torch.Tensor], slot: int, shape: torch.Size | None,
               what: str) -> torch.Tensor:
