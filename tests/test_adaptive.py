@@ -224,9 +224,12 @@ def test_does_not_oscillate_on_noisy_estimates_and_holds_the_bound_on_average():
     assert max(tail) - min(tail) < 0.2
     moves = [abs(b - a) for a, b in zip(tail, tail[1:])]
     assert sum(moves) / len(moves) < 0.04  # small steps, no back-and-forth swings
+    # The bound, measured on other calibrations: each one's own ratio (what the scaled pool
+    # controls) near tau on average, and the ratio of their sums within 2 tau.
     reference = [_synthetic_stats(1000 + seed, noise=1.0) for seed in range(30)]
-    mean_ratio = sum(_ratio_at(reference, s) for s in tail) / len(tail)
-    assert 0.3 * TAU < mean_ratio < 2 * TAU, mean_ratio
+    per_calibration = sum(_ratio_at([stats], s) for stats in reference for s in tail) / (len(reference) * len(tail))
+    assert 0.3 * TAU < per_calibration < 2 * TAU, per_calibration
+    assert sum(_ratio_at(reference, s) for s in tail) / len(tail) < 2 * TAU
 
 
 def test_weight_ratios_meet_their_budget_and_stay_in_range():
@@ -403,13 +406,41 @@ def test_the_pool_forgets_calibrations_older_than_the_window_and_beyond_the_memo
     assert memory.steps == [1, 60]
     memory.remember(stats[2], step=130, window=100)  # step 1 is 129 steps old: forgotten
     assert memory.steps == [60, 130] and memory.history == stats[1:]
-    assert [w for w, _ in memory.pool(0.5)] == [0.5, 1.0]
+    # decay ** age, each over the calibration's own scale
+    assert [w * st.energy() for w, st in memory.pool(0.5)] == pytest.approx([0.5, 1.0])
     for step in range(131, 131 + 2 * adaptive.MEMORY):
         memory.remember(stats[0], step=step, window=10_000)
     assert len(memory.history) == len(memory.steps) == adaptive.MEMORY
     restored = adaptive.AdaptiveState()
     restored.load_state_dict(memory.state_dict())
     assert restored.steps == memory.steps
+
+
+def test_the_pool_does_not_let_the_scale_of_old_calibrations_decide():
+    """Gradients shrink by orders of magnitude during training. Scaling every contribution of
+    an old calibration by 1000 (the gradients of early training) leaves the solved operating
+    point as it is; unscaled pooled sums would follow the old calibration instead."""
+    def scaled(stats, factor):
+        for records in stats.layers.values():
+            for record in records:
+                record.squared_norms.mul_(factor ** 2)
+                record.total.mul_(factor)
+        return stats
+
+    def solve(pool):
+        return prediction.solve_share(pool, ABOVE, TAU * sum(prediction.pooled_sgd_variances(pool).values()))
+
+    solved, unscaled = [], []
+    for factor in (1.0, 1000.0):
+        history = [scaled(_synthetic_stats(7, noise=1.0), factor)] + [_synthetic_stats(seed, noise=1.0)
+                                                                      for seed in range(1, 5)]
+        memory = adaptive.AdaptiveState()
+        for step, stats in enumerate(history):
+            memory.remember(stats, step=step, window=1000)
+        solved.append(solve(memory.pool(0.8)))
+        unscaled.append(solve([(0.8 ** (4 - age), stats) for age, stats in enumerate(history)]))
+    assert solved[0] == pytest.approx(solved[1], abs=2 ** -9)
+    assert abs(unscaled[0] - unscaled[1]) > 0.01
 
 
 def test_pooled_act_variance_equals_the_weighted_sum_of_the_per_layer_predictions():

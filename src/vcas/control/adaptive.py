@@ -155,9 +155,16 @@ class AdaptiveState:
         self.steps = [self.steps[i] for i in recent] + [step]
 
     def pool(self, decay: float) -> list[tuple[float, CalibrationStats]]:
-        """The remembered calibrations with weights ``decay ** age`` (newest: 1)."""
+        """The remembered calibrations, each weighted ``decay ** age`` (newest: 1) over its own
+        scale, the total squared norm of its per-sample contributions.
+
+        Gradients shrink by orders of magnitude as training goes on: unscaled pooled sums would
+        let the oldest calibrations, the largest, decide the ratios long after the added variance
+        they measured stopped being the current one. Scaled, the pooled V_act and V_sgd are both
+        means of each calibration's own (V / scale); their ratio, which the bound is about, is
+        then not biased the way a mean of per-calibration ratios would be by noisy V_sgd."""
         newest = len(self.history) - 1
-        return [(decay ** (newest - age), stats) for age, stats in enumerate(self.history)]
+        return [(decay ** (newest - age) / stats.energy(), stats) for age, stats in enumerate(self.history)]
 
     def move(self, s: float, target: float, smallest: float = 0.01, largest: float = 0.4) -> float:
         """Move s toward the solved target within a trust region that doubles while moves agree

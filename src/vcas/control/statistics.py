@@ -94,6 +94,7 @@ class CalibrationStats:
                                                                 compare=False)
     _sorted_scores: dict[str, SortedScores] = dataclasses.field(default_factory=dict, init=False,
                                                                 repr=False, compare=False)
+    _energy: float | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @property
     def samples(self) -> int:
@@ -108,6 +109,14 @@ class CalibrationStats:
             self._sgd_variances = {name: _within_batch_variance(records, self.scales[name])
                                    for name, records in self.layers.items()}
         return dict(self._sgd_variances)
+
+    def energy(self) -> float:
+        """``sum_l scale_l sum_i ||c_il||^2``: the calibration's scale (the pool's normaliser),
+        a sum of every sample's squared contribution, steadier than its V_sgd."""
+        if self._energy is None:
+            self._energy = sum(self.scales[name] * sum(float(r.squared_norms.sum()) for r in records)
+                               for name, records in self.layers.items()) or 1.0
+        return self._energy
 
     def sorted_scores(self, linear: str) -> SortedScores:
         """The SampleW row scores of one linear, a row per pass, sorted once."""

@@ -215,6 +215,8 @@ class CompactBlock:
         # The forward of its own passes: inside transformers' checkpointing wrapper, if any
         # (:mod:`vcas.plan.checkpointing`); the block runs its original forward otherwise.
         self.inner_forward: Callable[..., Any] = checkpoint_free_forward(module) or self.original_forward
+        # Its BatchNorms, found once: walking the module tree on every forward costs Python time.
+        self.batch_norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
         self.status = "unverified"
         self.reason: str | None = None
         self.agreements = 0
@@ -277,7 +279,7 @@ class CompactBlock:
             return "it returns no batch-first hidden state"
         if replay.unreplayable:
             return f"it draws random numbers with {replay.unreplayable}, which a re-run cannot replay"
-        if any(isinstance(m, _BatchNorm) and m.training for m in self.module.modules()):
+        if any(m.training for m in self.batch_norms):
             return "it holds a BatchNorm in training mode, which mixes the samples"
         inputs = {id(leaf) for leaf in flat if isinstance(leaf, torch.Tensor)}
         for leaf in iter_tensors(output):
