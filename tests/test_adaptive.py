@@ -1,6 +1,7 @@
 """The adaptive controller: its recorded statistics checked against exact per-sample gradients and
 against real sampling draws, and its decision rule on synthetic variance sequences."""
 
+import itertools
 import math
 import warnings
 
@@ -9,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import vcas
+from models import NormBlocksOnly, TinyCNN, TinyConv1dNet, TinyTransformer, image_batch, token_batch
 from vcas.control import adaptive, prediction
 from vcas.control.statistics import CalibrationStats
 from vcas.ops.records import SampleRecord
 from vcas.sampling import capped_proportional_probs, sampling_variance, share_schedule
-from models import NormBlocksOnly, TinyCNN, TinyConv1dNet, TinyTransformer, image_batch, token_batch
 
 TAU = 0.025
 
@@ -54,7 +55,8 @@ def test_records_match_per_sample_gradients_and_the_within_batch_sgd_variance(ki
         model, (inputs, labels) = TinyTransformer(depth=2), token_batch(n=6, seed=1)
     else:
         g = torch.Generator().manual_seed(1)
-        model, inputs, labels = TinyConv1dNet(), torch.randn(6, 1, 12, generator=g), torch.randint(0, 3, (6,), generator=g)
+        model = TinyConv1dNet()
+        inputs, labels = torch.randn(6, 1, 12, generator=g), torch.randint(0, 3, (6,), generator=g)
     ctl = vcas.attach(model, vcas.VCASConfig(controller="adaptive", param_fraction=0.5, seed=0))
     stats, _ = _record_one_step(model, ctl, F.cross_entropy(model(inputs), labels))
     params = ctl.measured_parameters
@@ -153,7 +155,7 @@ def _synthetic_stats(seed: int, noise: float = 0.0) -> CalibrationStats:
         c = pass_norms[block][:, None] * torch.randn(SAMPLES, 16, generator=g, dtype=torch.float64) / 4
         layers[layer] = [SampleRecord(block, c.pow(2).sum(1), c.sum(0), pass_norms)]
     scores = {name: [torch.rand(64, generator=g, dtype=torch.float64)] for name in LINEAR_NAMES}
-    return CalibrationStats(layers, {name: 1.0 for name in layers}, scores, BLOCK_NAMES)
+    return CalibrationStats(layers, dict.fromkeys(layers, 1.0), scores, BLOCK_NAMES)
 
 
 ABOVE = [1, 2, None]
@@ -222,7 +224,7 @@ def test_does_not_oscillate_on_noisy_estimates_and_holds_the_bound_on_average():
         shares.append(ctl.stats()["s"])
     tail = shares[-20:]
     assert max(tail) - min(tail) < 0.2
-    moves = [abs(b - a) for a, b in zip(tail, tail[1:])]
+    moves = [abs(b - a) for a, b in itertools.pairwise(tail)]
     assert sum(moves) / len(moves) < 0.04  # small steps, no back-and-forth swings
     # The bound, measured on other calibrations: each one's own ratio (what the scaled pool
     # controls) near tau on average, and the ratio of their sums within 2 tau.
@@ -303,7 +305,7 @@ def test_calibration_interval_grows_while_stable_and_state_round_trips():
 # ------------------------------------------------------------------ in a training loop
 def _loop(model, ctl, steps, n=16):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    loss_fn = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    loss_fn = lambda b: F.cross_entropy(model(b[0]), b[1])
     ran = []
     for step in range(steps):
         loss_fn(token_batch(n=n, seed=step)).backward()

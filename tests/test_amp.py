@@ -61,7 +61,7 @@ def test_fp16_grad_scaler_skipped_steps_do_not_feed_the_controller(controller):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     # A scale far too large: the first steps overflow in fp16 and the scaler skips them.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22)
-    loss_fn = lambda batch: _autocast_loss(model, batch, torch.float16)  # noqa: E731 - unscaled
+    loss_fn = lambda batch: _autocast_loss(model, batch, torch.float16)
     calibration_batches = (token_batch(n=16, seed=1000 + i) for i in itertools.count())
     skipped = 0
     for step in range(16):

@@ -197,7 +197,7 @@ def test_tiny_vit_learns_mnist_with_adaptation():
     calibration = itertools.cycle([(images[-192:-160], labels[-192:-160]), (images[-160:-128], labels[-160:-128])])
     with torch.no_grad():
         before = float(loss_fn(held_out))
-    for epoch, start in itertools.product(range(5), range(0, 448, 32)):
+    for _epoch, start in itertools.product(range(5), range(0, 448, 32)):
         loss_fn((images[start:start + 32], labels[start:start + 32])).backward()
         optimizer.step()
         optimizer.zero_grad()

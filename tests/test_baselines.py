@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from vcas_lab.baselines import selective_backprop_weights, upper_bound_weights
 from vcas.errors import ConfigError
+from vcas_lab.baselines import selective_backprop_weights, upper_bound_weights
 
 
 def test_selective_backprop_keeps_the_highest_losses():

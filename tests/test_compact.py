@@ -11,8 +11,7 @@ from torch import nn
 
 import vcas
 from models import TinyCNN, TinyTransformer, image_batch, token_batch
-from stats import (EXPECTATION_TOLERANCE, assert_unbiased, bias_statistics, biased, expectation_error,
-                   sampled_gradients)
+from stats import EXPECTATION_TOLERANCE, assert_unbiased, bias_statistics, biased, expectation_error, sampled_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,7 +106,7 @@ def test_compact_recompute_is_unbiased():
     model = TinyTransformer(depth=3)
     tokens, labels = token_batch(n=8, t=6)
     reference = copy.deepcopy(model)
-    params = [p for p in reference.parameters()]
+    params = list(reference.parameters())
     exact = [g.detach() for g in torch.autograd.grad(F.cross_entropy(reference(tokens), labels), params)]
     ctl = vcas.attach(model, vcas.VCASConfig(seed=0, recompute_below=1.0))
     ctl.set_ratios(act=0.25, weight=0.5)
@@ -165,7 +164,8 @@ class _Stack(nn.Module):
         return self.head(x.mean(1)) + extra
 
 
-@pytest.mark.parametrize("block, reason", [(_DropPath, "random numbers with rand"), (_TwoOutputs, "second floating-point")])
+@pytest.mark.parametrize("block, reason", [(_DropPath, "random numbers with rand"),
+                                           (_TwoOutputs, "second floating-point")])
 def test_blocks_it_cannot_recompute_fall_back_with_a_warning(block, reason, caplog):
     torch.manual_seed(0)
     model = _Stack(block)
@@ -210,7 +210,7 @@ def test_bf16_autocast_matches_the_full_backward():
 def test_nothing_kept_and_detach_restores_the_blocks():
     torch.manual_seed(0)
     model = TinyTransformer(depth=2)
-    tokens, labels = token_batch(n=1, t=4)
+    tokens, _labels = token_batch(n=1, t=4)
     before = {name: dict(m.__dict__) for name, m in model.named_modules()}
     ctl = vcas.attach(model, vcas.VCASConfig(seed=0, recompute_below=1.0))
     ctl.set_ratios(act=0.5, weight=0.5)
@@ -237,9 +237,9 @@ def test_flop_counter_mode_over_the_forward_turns_recompute_off_and_over_the_bac
         F.cross_entropy(model(tokens), labels).backward()
     assert _status(ctl) == {"compact"}
     loss = F.cross_entropy(model(tokens), labels)
-    with pytest.raises(RuntimeError, match="enter FlopCounterMode before the forward"):
-        with FlopCounterMode(display=False):
-            loss.backward()
+    with pytest.raises(RuntimeError, match="enter FlopCounterMode before the forward"), \
+            FlopCounterMode(display=False):
+        loss.backward()
 
 
 # ------------------------------------------------------------------ blocks that mix samples

@@ -1,15 +1,16 @@
 """The paper's update rules (METHOD.md section 6) on hand-computed cases."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import vcas
+from models import TinyTransformer
 from vcas.control.paper import candidate_schedule, next_share, next_weight_ratios
 from vcas.control.statistics import Measurement
 from vcas.sampling import monotone_schedule, norm_share_fraction
-from models import TinyTransformer
 
 CFG = vcas.VCASConfig()
 
@@ -120,7 +121,7 @@ def test_invalid_configs_name_the_field(field, value):
 def test_config_round_trips_and_is_frozen():
     cfg = vcas.VCASConfig(tau_act=0.05, seed=3)
     assert vcas.VCASConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.tau_act = 0.1
 
 

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import vcas
-import vcas_lab.data
 import vcas.ops.conv
+import vcas_lab.data
 from models import TinyConv1dNet, TinyResNet, image_batch
 from stats import assert_unbiased, bias_statistics, sampled_gradients
 
@@ -146,12 +146,13 @@ def test_skipping_gives_the_same_gradients_as_exact_convolutions_draw_by_draw(ca
         model, loss_of = _resnet_case(frozen_bn=True)
     exact_convs = copy.deepcopy(model)
     skipping = vcas.attach(model, vcas.VCASConfig(seed=0))
-    reference = vcas.attach(exact_convs, vcas.VCASConfig(seed=0), exclude=lambda m, name: isinstance(m, nn.Conv1d | nn.Conv2d))
+    reference = vcas.attach(exact_convs, vcas.VCASConfig(seed=0),
+                            exclude=lambda m, name: isinstance(m, nn.Conv1d | nn.Conv2d))
     assert skipping.plan.convs and not reference.plan.convs
     for ctl in (skipping, reference):
         ctl.set_ratios(act=[0.25, 0.5, 0.5, 0.75][:len(ctl.block_names)])
     loss, reference_loss = loss_of(model), loss_of(exact_convs)
-    for draw in range(20):
+    for _draw in range(20):
         got = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
         want = torch.autograd.grad(reference_loss, list(exact_convs.parameters()), retain_graph=True)
         for a, b in zip(got, want):

@@ -79,8 +79,8 @@ def _train(controller: str, rank: int) -> dict:
     import vcas
     import vcas.control.distributed
     import vcas.control.paper
-    from vcas.control.statistics import CalibrationStats
     from models import TinyTransformer
+    from vcas.control.statistics import CalibrationStats
 
     torch.manual_seed(0)
     ddp = DistributedDataParallel(TinyTransformer(vocab=48, dim=32, depth=3))
@@ -88,7 +88,7 @@ def _train(controller: str, rank: int) -> dict:
     ctl = vcas.attach(ddp, vcas.VCASConfig(update_every=2, controller=controller, seed=0,
                                            tau_act=0.2, tau_w=0.2, min_weight_numel=0, gather_below=1.0))
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=3e-3)
-    loss_fn = lambda batch: F.cross_entropy(ddp(batch[0]), batch[1])  # noqa: E731 - through DDP
+    loss_fn = lambda batch: F.cross_entropy(ddp(batch[0]), batch[1])
     train_gen = torch.Generator().manual_seed(100 + rank)
     calib_gen = torch.Generator().manual_seed(200 + rank)
     calibration_batches = iter(lambda: _batch(calib_gen), None)

@@ -2,7 +2,6 @@
 
 import copy
 import dataclasses
-import itertools
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ def test_batch_of_one_is_sampled_without_crash_and_stays_unbiased():
     torch.manual_seed(0)
     reference = TinyTransformer()  # the same initial weights (an attached model cannot be copied)
     tokens, labels = token_batch(n=1)
-    loss_of = lambda m: F.cross_entropy(m(tokens), labels)  # noqa: E731
+    loss_of = lambda m: F.cross_entropy(m(tokens), labels)
     exact = [g.detach() for g in torch.autograd.grad(loss_of(reference), list(reference.parameters()))]
     samples = sampled_gradients(model, loss_of(model), 400)
     kept = int((samples[1].abs().sum(1) > 0).sum())
@@ -78,7 +77,7 @@ def test_padding_rows_of_zeros_are_never_sampled_and_do_not_crash():
 
 
 def test_block_with_zero_gradient_and_empty_kept_sets():
-    model, ctl = _attached(act=0.1, weight=0.1)
+    model, _ctl = _attached(act=0.1, weight=0.1)
     tokens, _ = token_batch()
     (0.0 * model(tokens).sum()).backward()
     assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters() if p.grad is not None)
@@ -86,7 +85,7 @@ def test_block_with_zero_gradient_and_empty_kept_sets():
 
 def test_nan_gradients_do_not_crash_and_skip_the_controller_update():
     model, ctl = _attached()
-    tokens, labels = token_batch()
+    tokens, _labels = token_batch()
     (model(tokens).sum() * float("nan")).backward()
     assert ctl.stats()["nonfinite_gradients"] > 0
     nan_loss = lambda batch: model(batch[0]).sum() * float("nan")

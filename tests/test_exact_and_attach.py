@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vcas
-from models import Block, TinyCNN, TinyTransformer, image_batch, token_batch
+from models import Block, TinyCNN, TinyTransformer, token_batch
 
 
 def _grads(model, tokens, labels):

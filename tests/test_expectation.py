@@ -121,7 +121,7 @@ def test_a_registered_linear_like_layer_at_its_expectation_gives_the_exact_gradi
     ctl = vcas.attach(model, vcas.VCASConfig(seed=0, min_weight_numel=0), sites=sites)
     assert ctl.linear_names == ["blocks.0.fc", "blocks.1.fc"]
     ctl.set_ratios(act=0.5, weight=0.5)
-    loss_of = lambda m: F.cross_entropy(m(x), labels)  # noqa: E731
+    loss_of = lambda m: F.cross_entropy(m(x), labels)
     assert expectation_error(model, ctl, loss_of) < EXPECTATION_TOLERANCE
     ctl.detach()
     torch.testing.assert_close(loss_of(model), loss_of(reference))

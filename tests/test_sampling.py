@@ -3,8 +3,15 @@ import math
 import pytest
 import torch
 
-from vcas.sampling import (SortedScores, bernoulli_keep, bernoulli_weights, capped_proportional_probs,
-                           monotone_schedule, norm_share_fraction, sampling_variance)
+from vcas.sampling import (
+    SortedScores,
+    bernoulli_keep,
+    bernoulli_weights,
+    capped_proportional_probs,
+    monotone_schedule,
+    norm_share_fraction,
+    sampling_variance,
+)
 
 
 def test_capped_proportional_meets_budget_and_optimality_conditions():

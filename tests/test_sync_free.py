@@ -138,7 +138,7 @@ def test_overflowing_the_reserved_room_stays_unbiased():
     torch.manual_seed(0)
     model = TinyCNN(depth=3)  # BatchNorm in training mode
     images, labels = image_batch(n=8)
-    loss_of = lambda m: F.cross_entropy(m(images), labels)  # noqa: E731
+    loss_of = lambda m: F.cross_entropy(m(images), labels)
     reference = copy.deepcopy(model)
     exact = [g.detach() for g in torch.autograd.grad(loss_of(reference), list(reference.parameters()))]
     ctl = vcas.attach(model, vcas.VCASConfig(seed=0, sync_free=True, controller="paper", recompute_below=0.0,
@@ -160,4 +160,4 @@ def test_transformers_families_on_the_sync_free_path(family):
     assert expectation_error(model, ctl, lambda m: _loss(m, batch)) < EXPECTATION_TOLERANCE
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     check = ctl.check_flops(lambda: (_loss(model, batch).backward(), optimizer.step(), optimizer.zero_grad()))
-    assert check["counted"] > 0 and check["ratio"] == pytest.approx(1.0, abs=1e-9) or check["scope"] != "model"
+    assert (check["counted"] > 0 and check["ratio"] == pytest.approx(1.0, abs=1e-9)) or check["scope"] != "model"

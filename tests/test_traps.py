@@ -86,7 +86,7 @@ def test_the_paper_controller_without_batches_fails_at_the_first_step_with_the_f
         ctl.maybe_calibrate()
     # With the batches (here at attach) it calibrates at update_every.
     model2 = TinyCNN(depth=2)
-    loss_fn = lambda batch: F.cross_entropy(model2(batch[0]), batch[1])  # noqa: E731
+    loss_fn = lambda batch: F.cross_entropy(model2(batch[0]), batch[1])
     ctl2 = vcas.attach(model2, vcas.VCASConfig(seed=0, update_every=2), loss_fn=loss_fn,
                        calibration_data=[image_batch(seed=s) for s in range(4)])
     assert [ctl2.maybe_calibrate() for _ in range(4)] == [False, True, False, True]
@@ -116,7 +116,8 @@ _ShardedLikeFSDP1.__name__ = "FullyShardedDataParallel"
 def _failing_attaches():
     yield "adaptive without sampled layers", NormBlocksOnly(), dict(
         config=vcas.VCASConfig(controller="adaptive"), blocks=["blocks.0", "blocks.1"]), vcas.AttachError
-    yield "a config error", TinyTransformer(depth=2), dict(config=vcas.VCASConfig(min_update_every=30)), vcas.ConfigError
+    yield ("a config error", TinyTransformer(depth=2), dict(config=vcas.VCASConfig(min_update_every=30)),
+           vcas.ConfigError)
     yield "a pattern that matches nothing", TinyTransformer(depth=2), dict(include="nothing*"), vcas.ConfigError
     yield "an unknown block", TinyTransformer(depth=2), dict(blocks=["blocks.9"]), vcas.BlockDetectionError
     yield "FSDP1 inside", nn.Sequential(_ShardedLikeFSDP1(TinyTransformer(depth=2))), {}, vcas.AttachError

@@ -29,7 +29,7 @@ def _run(controller):
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     config = vcas.VCASConfig(controller=controller, update_every=10, min_weight_numel=0, seed=0)
     ctl = vcas.attach(model, config)
-    loss_fn = lambda batch: F.cross_entropy(model(batch[0]), batch[1])  # noqa: E731
+    loss_fn = lambda batch: F.cross_entropy(model(batch[0]), batch[1])
     calibration = itertools.cycle([_batch(10_000 + i) for i in range(40)])
     checks = []
     for step in range(1, 61):

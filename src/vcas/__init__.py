@@ -15,6 +15,20 @@ from .ops.linear import LinearKind
 from .plan.explain import Explanation, explain
 from .plan.outputs import BatchLayoutError
 
-__all__ = ["VCASConfig", "Controller", "attach", "explain", "Explanation", "DEFAULT_SITES",
-           "SiteRegistry", "LinearKind", "VCASError", "ConfigError", "BlockDetectionError",
-           "AttachError", "StateDictError", "BatchLayoutError", "__version__"]
+__all__ = [
+           "DEFAULT_SITES",
+           "AttachError",
+           "BatchLayoutError",
+           "BlockDetectionError",
+           "ConfigError",
+           "Controller",
+           "Explanation",
+           "LinearKind",
+           "SiteRegistry",
+           "StateDictError",
+           "VCASConfig",
+           "VCASError",
+           "__version__",
+           "attach",
+           "explain",
+]

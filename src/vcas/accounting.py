@@ -15,7 +15,8 @@ except inside compactly recomputed blocks, which count their own (``recompute_ot
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .runtime.mode import CALIBRATION
 
@@ -45,7 +46,7 @@ class FlopBucket:
     recompute_other_exact: float = 0.0
     recompute_other_done: float = 0.0
 
-    def add(self, other: "FlopBucket", scale: float = 1.0) -> None:
+    def add(self, other: FlopBucket, scale: float = 1.0) -> None:
         for name in _FIELDS:
             setattr(self, name, getattr(self, name) + scale * getattr(other, name))
 
@@ -56,7 +57,7 @@ class FlopBucket:
             if not isinstance(value, float):
                 setattr(self, name, float(value))
 
-    def scaled(self, factor: float) -> "FlopBucket":
+    def scaled(self, factor: float) -> FlopBucket:
         out = FlopBucket()
         out.add(self, factor)
         return out
@@ -89,7 +90,7 @@ class FlopTally:
     def bucket(self, phase: str) -> FlopBucket:
         return self.calibration if phase == CALIBRATION else self.train
 
-    def settle(self) -> "FlopTally":
+    def settle(self) -> FlopTally:
         """The tally with every count read as a number (see :meth:`FlopBucket.settle`)."""
         self.train.settle()
         self.calibration.settle()

@@ -118,7 +118,7 @@ class VCASConfig:
         _check(self.min_weight_ratio <= self.max_weight_ratio <= 1, "max_weight_ratio",
                self.max_weight_ratio, f"in [min_weight_ratio={self.min_weight_ratio}, 1]")
 
-    def resolve(self, controller: str) -> "VCASConfig":
+    def resolve(self, controller: str) -> VCASConfig:
         """This config for ``controller`` (``"paper"`` or ``"adaptive"``), with the controller's
         default ``update_every`` filled in where it is ``None``."""
         every = self.update_every if self.update_every is not None else DEFAULT_UPDATE_EVERY[controller]
@@ -134,7 +134,7 @@ class VCASConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "VCASConfig":
+    def from_dict(cls, values: dict[str, Any]) -> VCASConfig:
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown VCASConfig fields: {sorted(unknown)}")

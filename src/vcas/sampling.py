@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +156,7 @@ class ExpectedDraw:
         return probs.clone()
 
 
-Draw = Union[BernoulliDraw, ExpectedDraw]
+Draw = BernoulliDraw | ExpectedDraw
 
 
 def sampled_weights(probs: torch.Tensor, draw: Draw) -> torch.Tensor:
@@ -222,7 +222,7 @@ class SortedScores:
         self.positive = (self.ordered > 0).sum(1)
 
     @classmethod
-    def stack(cls, parts: Sequence["SortedScores"]) -> "SortedScores":
+    def stack(cls, parts: Sequence[SortedScores]) -> SortedScores:
         """The rows of several sorted sets in one, without sorting again (zero padding at the
         end of a descending row changes none of its sums)."""
         stacked = cls([])
@@ -239,9 +239,10 @@ class SortedScores:
         stacked.positive = torch.cat([part.positive for part in parts])
         return stacked
 
-    def variances(self, ratio: float) -> torch.Tensor:
+    def variances(self, ratio: float | torch.Tensor) -> torch.Tensor:
         """Per row, :func:`sampling_variance` of :func:`capped_proportional_probs` at budget
-        ``ratio * (number of positive scores)``, in closed form.
+        ``ratio * (number of positive scores)``, in closed form (``ratio``: one for every row, or
+        a tensor of one per row).
 
         With the m largest scores capped and ``c = (k - m) / tail[m]``, every uncapped score adds
         ``(1/(c x) - 1) x^2``, which sums to ``tail[m]^2 / (k - m) - tail_squares[m]``."""
@@ -310,7 +311,8 @@ class ShareSchedule:
 
     def __init__(self, block_norms: list[list[torch.Tensor | None]]) -> None:
         n_blocks = len(block_norms[0]) if block_norms else 0
-        self.blocks = [[_RankedNorms(batch[block]) for batch in block_norms if batch[block] is not None]
+        self.blocks = [[_RankedNorms(norms) for norms in (batch[block] for batch in block_norms)
+                        if norms is not None]
                        for block in range(n_blocks)]
 
     def __call__(self, share: float) -> list[float]:

@@ -15,13 +15,13 @@ import importlib.util
 import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
-__all__ = ["minilm_path", "load_bbc_news", "load_mnist", "tokenize_texts", "batches"]
+__all__ = ["batches", "load_bbc_news", "load_mnist", "minilm_path", "tokenize_texts"]
 
-Batch = Union[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]
+Batch = dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
 
 _MNIST_SPLITS = {"train": 0, "valid": 1, "test": 2}
 

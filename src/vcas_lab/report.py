@@ -82,7 +82,7 @@ PHASES = ("forward", "backward", "calibration backward", "optimizer", "controlle
 def phase_seconds(run: RunResult) -> dict[str, float]:
     """Training time per phase: forward, backward (of calibration steps apart), optimizer,
     controller (``maybe_calibrate``); steps whose FLOPs were counted are left out."""
-    totals = {phase: 0.0 for phase in PHASES}
+    totals = dict.fromkeys(PHASES, 0.0)
     for log in run.steps:
         for phase, seconds in log.phases.items():
             key = "calibration backward" if phase == "backward" and log.calibrating else phase
@@ -262,7 +262,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     rows = [[method] + [_cell(stats, key, kind) for key, _, kind in cols]
             for method, stats in summary["methods"].items()]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
     seeds = len(next(iter(summary["methods"].values()))["seeds"])
     mode = "lockstep" if summary["lockstep"] else "one method after the other"
     title = f"{summary['task']}: {summary['settings']['steps']} steps, {seeds} seed(s), {mode}"
@@ -289,7 +289,7 @@ def phase_table(summary: dict[str, Any]) -> list[str]:
     """Seconds per phase, summed over seeds, each method against exact training."""
     totals: dict[str, dict[str, float]] = {}
     for run in summary["runs"]:
-        method = totals.setdefault(run["method"], {phase: 0.0 for phase in PHASES})
+        method = totals.setdefault(run["method"], dict.fromkeys(PHASES, 0.0))
         for phase, seconds in run["phase_seconds"].items():
             method[phase] += seconds
     exact = totals.get("exact")

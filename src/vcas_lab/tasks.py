@@ -14,8 +14,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +145,7 @@ class Task:
     def train_size(self) -> int:
         return next(iter(self.train.values())).shape[0]
 
-    def limited(self, train_limit: int | None = None) -> "Task":
+    def limited(self, train_limit: int | None = None) -> Task:
         if train_limit is None:
             return self
         return dataclasses.replace(self, train={k: v[:train_limit] for k, v in self.train.items()})

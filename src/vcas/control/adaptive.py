@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar, cast
 
 from ..config import VCASConfig
 from ..errors import ConfigError
@@ -100,13 +101,14 @@ class AdaptivePolicy:
     def decide(self, stats: CalibrationStats, step: int, mechanism: Mechanism) -> Outcome:
         """Solve s and every nu for the variance budgets."""
         config, memory = self.config, self.memory
+        every = cast(int, config.update_every)  # resolved by attach (VCASConfig.resolve)
         var_sgd = stats.sgd_variances()
         total_sgd = sum(var_sgd.values())
         if stats.samples < 2 or not all(math.isfinite(v) for v in var_sgd.values()) or total_sgd <= 0:
-            memory.schedule_next(step, False, config.shortest_interval, config.update_every)
+            memory.schedule_next(step, False, config.shortest_interval, every)
             return Skip(f"the calibration step gave no usable SGD variance ({stats.samples} samples "
                         f"with finite gradients, var_sgd={total_sgd})")
-        memory.remember(stats, step, WINDOW * config.update_every)
+        memory.remember(stats, step, WINDOW * every)
         pool = memory.pool(config.smoothing)
         pooled_sgd = prediction.pooled_sgd_variances(pool)
         above = mechanism.above_positions
@@ -122,7 +124,7 @@ class AdaptivePolicy:
         # Moves between ratios above the cap change nothing that runs.
         nu_moves = [abs(min(a, cap) - min(b, cap)) for a, b in zip(solved.values(), previous_nu)]
         stable = abs(target - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves))
-        memory.schedule_next(step, stable, config.shortest_interval, config.update_every)
+        memory.schedule_next(step, stable, config.shortest_interval, every)
         estimate = prediction.summary(stats, above, act, weight)
         pooled_act = prediction.pooled_act_variance(pool, above, act)
         bound = pooled_act / sum(pooled_sgd.values())

@@ -9,9 +9,11 @@ mechanism (:mod:`vcas.control.mechanism`), keeps the history, reports, and check
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -183,7 +185,7 @@ class Controller:
         ratios = self.mechanism.ratios
         new_act = _ratios("act", act, ratios.act_list)
         new_weight = _ratios("weight", weight, ratios.weight_list)
-        if any(lower > upper for lower, upper in zip(new_act, new_act[1:])):
+        if any(lower > upper for lower, upper in itertools.pairwise(new_act)):
             raise ConfigError(
                 f"act ratios {new_act} decrease towards the output; a sample dropped near the "
                 "output stays dropped below, so ratios must not decrease from input to output")
@@ -234,7 +236,7 @@ class Controller:
         Steps a GradScaler skips never call the optimizer's ``step`` and are not counted; with
         gradient accumulation, only real steps are. Wrappers (accelerate's ``AcceleratedOptimizer``,
         Lightning's) are looked through to the torch optimizer."""
-        inner = optimizer
+        inner: Any = optimizer  # the optimizer, or a wrapper whose .optimizer is looked through
         # Wrappers that subclass Optimizer themselves (accelerate's, Lightning's) step the inner one
         # only on real steps (accelerate skips accumulation micro-batches): hook the innermost.
         while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer) or \

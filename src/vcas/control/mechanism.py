@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,7 +70,7 @@ class Mechanism:
     def above_positions(self) -> list[int | None]:
         """Per block (plan order), the position of the block above in its stack, or None."""
         index = {name: i for i, name in enumerate(self.block_names)}
-        return [None if self.plan.above[name] is None else index[self.plan.above[name]]
+        return [None if (above := self.plan.above[name]) is None else index[above]
                 for name in self.block_names]
 
     def weight_sampled(self, linear: str) -> bool:
@@ -244,7 +245,8 @@ def probes(plan: Plan, measured: dict[str, nn.Parameter], fraction: float,
     (and the convolutions' records), whole slices for the linears' records."""
     generator = torch.Generator().manual_seed(seed)
     kinds = {site.name: site for site in plan.sites}
-    subsets, layer_probes = {}, {}
+    subsets: dict[str, torch.Tensor] = {}
+    layer_probes: dict[str, LinearProbe | FlatProbe] = {}
     for name, param in measured.items():
         size = max(1, math.ceil(fraction * param.numel()))
         subsets[name] = torch.randperm(param.numel(), generator=generator)[:size].sort().values
@@ -260,4 +262,4 @@ def probes(plan: Plan, measured: dict[str, nn.Parameter], fraction: float,
     return subsets, layer_probes
 
 
-__all__ = ["Mechanism", "measured_weights", "probes", "scalar_loss", "SampleRecord"]
+__all__ = ["Mechanism", "SampleRecord", "measured_weights", "probes", "scalar_loss"]

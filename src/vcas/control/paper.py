@@ -14,7 +14,8 @@ the same dropout masks since the forward is shared). Gradients are taken with
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -46,7 +47,8 @@ class PaperPolicy:
 
     def on_step(self, step: int, mechanism: Mechanism, source: CalibrationSource,
                 merge: Merge) -> Outcome | None:
-        if step % self.config.update_every != 0:
+        every = cast(int, self.config.update_every)  # resolved by attach (VCASConfig.resolve)
+        if step % every != 0:
             return None
         source.require("the paper's controller calibrates on batches of its own")
         return self.calibrate(step, mechanism, source, source.take(self.config.mc_samples), merge)
@@ -94,7 +96,7 @@ def measure(mechanism: Mechanism, loss_fn: LossFn, batches: Sequence[Any]) -> Me
     draws = len(batches)
     trial = mechanism.ratios.act_list
     exact: list[dict[str, torch.Tensor]] = []
-    act_sq = {name: 0.0 for name in params}
+    act_sq = dict.fromkeys(params, 0.0)
     block_norms: list[list[torch.Tensor | None]] = []
     row_scores: dict[str, list[torch.Tensor]] = {name: [] for name in mechanism.linear_names}
     recorder.clear()

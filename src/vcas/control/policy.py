@@ -9,7 +9,8 @@ keeps the history and checkpoints the policy with its own ``state_dict``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol, Sequence, Union
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -46,7 +47,7 @@ class Skip:
     estimate: Measurement | None = None
 
 
-Outcome = Union[Decision, Skip]
+Outcome = Decision | Skip
 
 
 class CalibrationSource:
@@ -126,10 +127,12 @@ class Policy(Protocol):
     Attributes:
         name: ``"paper"`` or ``"adaptive"`` (``VCASConfig.controller``, resolved).
         needs_batches: whether its calibrations run on batches of their own.
+        s: the kept gradient-norm share of the activation keep ratios in use.
     """
 
     name: ClassVar[str]
     needs_batches: ClassVar[bool]
+    s: float
 
     def start(self, mechanism: Mechanism) -> None:
         """Attached (or restored): prepare the coming training steps."""

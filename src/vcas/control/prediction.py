@@ -16,7 +16,7 @@ sampler and the layers below it); the per-sample estimates are then unbiased.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -245,7 +245,7 @@ class _WeightedScores:
         self.n_layers = len(layers)
 
     @classmethod
-    def of_tensors(cls, scores: Sequence[tuple[float, torch.Tensor]]) -> "_WeightedScores":
+    def of_tensors(cls, scores: Sequence[tuple[float, torch.Tensor]]) -> _WeightedScores:
         return cls([[(weight, SortedScores([row_scores])) for weight, row_scores in scores]])
 
     def variances(self, ratios: torch.Tensor) -> torch.Tensor:
@@ -279,7 +279,7 @@ def solve_weight_ratios(pool: Pool, budgets: Mapping[str, float | None], floor: 
     budget is ``None``: a layer whose weight gradient is not sampled). Each calibration's
     scores are sorted once, on first use, and pooled by every later update."""
     sites = [site for site, budget in budgets.items() if budget is not None]
-    ratios = {site: 1.0 for site in budgets}
+    ratios = dict.fromkeys(budgets, 1.0)
     if not sites:
         return ratios
     pooled = _WeightedScores([[(w, stats.sorted_scores(site)) for w, stats in pool] for site in sites])

@@ -15,7 +15,8 @@ batch. :meth:`Measurement.merge` averages the estimates (a larger sample of the 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 
@@ -56,7 +57,7 @@ class Measurement:
         return float(sum(self.var_weight_layers.values()))
 
     @classmethod
-    def merge(cls, ranks: Sequence["Measurement"]) -> "Measurement":
+    def merge(cls, ranks: Sequence[Measurement]) -> Measurement:
         """The ranks' measurements as one: estimates averaged, per-pass records concatenated
         in rank order (so every rank computes the same update from the same numbers)."""
         if len(ranks) == 1:
@@ -134,7 +135,7 @@ class CalibrationStats:
             for record in records:
                 if record.block is None:
                     continue
-                norms, sums = passes.setdefault(id(record.pass_norms), (record.pass_norms, {}))
+                _norms, sums = passes.setdefault(id(record.pass_norms), (record.pass_norms, {}))
                 weighted = scale * record.squared_norms
                 previous = sums.get(record.block)
                 sums[record.block] = weighted if previous is None else previous + weighted
@@ -153,7 +154,7 @@ class CalibrationStats:
         return [norms for norms in seen.values() if norms]
 
     @classmethod
-    def merge(cls, ranks: Sequence["CalibrationStats"]) -> "CalibrationStats":
+    def merge(cls, ranks: Sequence[CalibrationStats]) -> CalibrationStats:
         """The ranks' records as passes of one step, in rank order."""
         if len(ranks) == 1:
             return ranks[0]
@@ -174,7 +175,7 @@ class CalibrationStats:
                                   for r in records] for name, records in self.layers.items()}}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "CalibrationStats":
+    def from_state_dict(cls, state: dict[str, Any]) -> CalibrationStats:
         passes = [dict(p) for p in state["passes"]]
         layers = {name: [SampleRecord(block, squares, total, passes[index] if index is not None else {})
                          for index, block, squares, total in records]
@@ -188,5 +189,6 @@ def _within_batch_variance(records: list[SampleRecord], scale: float) -> float:
     if n < 2:
         return 0.0
     squares = sum(float(r.squared_norms.sum()) for r in records)
-    total = float(sum(r.total for r in records).pow(2).sum())
+    # A tensor: n >= 2 means at least one record.
+    total = float(cast(torch.Tensor, sum(r.total for r in records)).pow(2).sum())
     return scale * max(0.0, n * squares - total) / (n - 1)

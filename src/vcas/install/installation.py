@@ -15,7 +15,8 @@ instead of copying hooks that would share one controller's live state.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -16,7 +16,8 @@ module types (or predicates) to a *site kind* that builds the site; :data:`DEFAU
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol, Union, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ class SiteKind(Protocol):
               block: str | None = None) -> Site: ...
 
 
-Match = Union[type, Callable[[nn.Module], bool]]
+Match = type | Callable[[nn.Module], bool]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +68,15 @@ class SiteRegistry:
 
     entries: tuple[tuple[Match, SiteKind, str], ...] = ()
 
-    def register(self, match: Match, kind: SiteKind, description: str | None = None) -> "SiteRegistry":
+    def register(self, match: Match, kind: SiteKind, description: str | None = None) -> SiteRegistry:
         """A new registry where modules matching ``match`` (a type, or a predicate
         ``fn(module) -> bool``) get sites built by ``kind``."""
         if not (isinstance(match, type) or callable(match)):
             raise TypeError(f"register: match must be a module type or a predicate, got {match!r}")
         if not callable(getattr(kind, "build", None)):
             raise TypeError(f"register: {kind!r} has no build(name, module, runtime, weight_sampled=..., block=...)")
-        label = description or (match.__name__ if isinstance(match, type) else getattr(match, "__name__", "predicate"))
+        label = description or (match.__name__ if isinstance(match, type)
+                                else cast(str, getattr(match, "__name__", "predicate")))
         return SiteRegistry(((match, kind, label),) + self.entries)
 
     def lookup(self, module: nn.Module) -> SiteKind | None:

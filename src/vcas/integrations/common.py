@@ -4,8 +4,8 @@ batch size of a DataLoader, moving batches to a device, and what is logged."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, Sized
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -87,7 +87,7 @@ class CalibrationBatches:
             loader = DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate_fn,
                                 generator=self._generator, num_workers=0)
             return itertools.islice(iter(loader), skipped, None)
-        order = torch.randperm(len(self.dataset), generator=self._generator).tolist()
+        order = torch.randperm(len(cast(Sized, self.dataset)), generator=self._generator).tolist()
         loader = DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate_fn,
                             sampler=order[skipped * self.batch_size:], generator=self._generator,
                             num_workers=0)
@@ -113,7 +113,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, Mapping):
-        return type(batch)({key: to_device(value, device) for key, value in batch.items()})
+        # A concrete mapping type (dict, OrderedDict, transformers' BatchEncoding) built from a dict.
+        return cast(Any, type(batch))({key: to_device(value, device) for key, value in batch.items()})
     if isinstance(batch, (list, tuple)):
         moved = [to_device(value, device) for value in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)

@@ -40,7 +40,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -182,7 +182,8 @@ class VCASCallback(TrainerCallback):
                           stacklevel=2)
             return
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        self.controller.load_state_dict(saved["controller"])
+        controller = cast(Controller, self.controller)  # on_train_begin attaches before resuming
+        controller.load_state_dict(saved["controller"])
         restore_stream(self._batches, saved.get("calibration"))
 
     def _warn_if_behind_reporters(self, args: Any) -> None:
@@ -197,8 +198,9 @@ class VCASCallback(TrainerCallback):
             "instead, which puts it ahead of them", stacklevel=2)
 
     def _loss(self, batch: Any) -> torch.Tensor:
-        device = next(self._model.parameters()).device
-        return self.loss_fn(self._model, to_device(batch, device))
+        model = cast(nn.Module, self._model)  # set before attach, which takes this loss
+        device = next(model.parameters()).device
+        return self.loss_fn(model, to_device(batch, device))
 
     def _default_batches(self, args: Any, train_dataloader: Any) -> Iterable[Any]:
         if train_dataloader is None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -138,8 +138,9 @@ class VCASCallback(pl.Callback):
 
     # ------------------------------------------------------------------ internals
     def _loss(self, batch: Any) -> torch.Tensor:
-        trainer = self._trainer
-        pl_module = self.controller.model
+        # Called by the controller, attached in on_train_start after the trainer is kept.
+        trainer = cast(pl.Trainer, self._trainer)
+        pl_module = cast(pl.LightningModule, cast(Controller, self.controller).model)
         batch = trainer.strategy.batch_to_device(batch)
         if self.loss_fn is not None:
             return self.loss_fn(pl_module, batch)
@@ -196,7 +197,8 @@ def _logging_silenced(pl_module: pl.LightningModule) -> Iterator[None]:
     def silent(*args: Any, **kwargs: Any) -> None:
         return None
 
-    pl_module.log, pl_module.log_dict = silent, silent
+    # Instance attributes shadowing methods on purpose, which mypy refuses as method assignment.
+    pl_module.log, pl_module.log_dict = silent, silent  # type: ignore[method-assign]
     try:
         yield
     finally:

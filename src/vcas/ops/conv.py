@@ -15,7 +15,8 @@ gradient, whatever the subclass does around the call.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +41,10 @@ class ConvKind:
     kind = "conv"
 
     def weight_of(self, module: nn.Module) -> torch.Tensor:
-        return module.weight
+        return cast(torch.Tensor, module.weight)
 
     def build(self, name: str, module: nn.Module, runtime: Runtime, *, weight_sampled: bool,
-              block: str | None = None) -> "ConvSite":
+              block: str | None = None) -> ConvSite:
         return ConvSite(name, module, runtime, block)
 
 
@@ -63,7 +64,7 @@ class ConvSite:
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.module.weight
+        return cast(torch.Tensor, self.module.weight)
 
     def reserved_samples(self, samples: int) -> int:
         """Room the sync-free path reserves (see :meth:`vcas.ops.linear.LinearSite.reserved_samples`)."""
@@ -81,8 +82,9 @@ class ConvSite:
         only), one sample at a time: one extra weight-gradient product, on calibration steps."""
         subset = self.runtime.recorder.probes[self.name].index.to(weight.device)
         mask = (False, True, False)
+        # The weight gradient is requested by the mask: never None.
         contributions = torch.stack([
-            _convolution_backward(grad_out[i:i + 1], x[i:i + 1], weight, geometry, mask)[1]
+            cast(torch.Tensor, _convolution_backward(grad_out[i:i + 1], x[i:i + 1], weight, geometry, mask)[1])
             .reshape(-1).index_select(0, subset).float() for i in range(x.shape[0])])
         self.runtime.recorder.layer_samples(self.name, contributions)
         extra = FlopBucket(backward_done=per_sample_flops * grad_out.shape[0])
@@ -95,7 +97,7 @@ class ConvSite:
         if not (self.runtime.mode.enabled and (torch.is_grad_enabled() or replaying)):
             return self.original_forward(*args, **kwargs)
         if self.direct:
-            m = self.module
+            m = cast("nn.Conv1d | nn.Conv2d | nn.Conv3d", self.module)
             x = args[0] if args else kwargs["input"]
             return sampled_conv(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups,
                                 site=self)
@@ -183,6 +185,7 @@ class _SampledConvFunction(torch.autograd.Function):
         need_b = need_b and ctx.has_bias
         site: ConvSite = ctx.site
         factor = None
+        rows: torch.Tensor | None
         if site.runtime.syncless(grad_out.device):  # room reserved for the kept samples
             rows, factor = site.runtime.draws.select(per_sample_norms(grad_out) != 0,
                                                      site.reserved_samples(grad_out.shape[0]))
@@ -224,10 +227,11 @@ def _convolution_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
 
 def _scatter_rows(grad: torch.Tensor | None, rows: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    if rows is None and grad is not None:
+    if grad is None:
+        return torch.zeros_like(x)
+    if rows is None:
         return grad
-    full = torch.zeros_like(x)
-    return full if grad is None else full.index_copy_(0, rows, grad)
+    return torch.zeros_like(x).index_copy_(0, rows, grad)
 
 
 def _tuple(value: int | Sequence[int], dims: int) -> list[int]:
@@ -241,7 +245,7 @@ def _explicit_padding(x: torch.Tensor, weight: torch.Tensor, padding: str | int 
     if padding == "valid":
         return x, [0] * dims
     if padding != "same":
-        return x, _tuple(padding, dims)
+        return x, _tuple(cast("int | Sequence[int]", padding), dims)
     totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
     if all(total % 2 == 0 for total in totals):
         return x, [total // 2 for total in totals]

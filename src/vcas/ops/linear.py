@@ -9,7 +9,8 @@ whose weight is frozen computes no weight gradient and keeps no input for one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from ..sampling import capped_probs_on_device, capped_proportional_probs, finite
 from .activation import nonzero_rows
 from .autocast import autocast_inputs
 from .capacity import capacity
-from .records import linear_contributions
+from .records import LinearProbe, linear_contributions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +36,8 @@ class LinearKind:
         transposed: the weight is stored as (in, out), like transformers' ``Conv1D``.
     """
 
-    weight: Callable[[nn.Module], torch.Tensor] = lambda m: m.weight
-    bias: Callable[[nn.Module], torch.Tensor | None] = lambda m: m.bias
+    weight: Callable[[nn.Module], torch.Tensor] = lambda m: cast(torch.Tensor, m.weight)
+    bias: Callable[[nn.Module], torch.Tensor | None] = lambda m: cast("torch.Tensor | None", m.bias)
     transposed: bool = False
 
     kind = "linear"
@@ -45,7 +46,7 @@ class LinearKind:
         return self.weight(module)
 
     def build(self, name: str, module: nn.Module, runtime: Runtime, *, weight_sampled: bool,
-              block: str | None = None) -> "LinearSite":
+              block: str | None = None) -> LinearSite:
         return LinearSite(name, module, runtime, self, weight_sampled=weight_sampled, block=block)
 
 
@@ -124,7 +125,8 @@ class LinearSite:
 
     def record_samples(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
         """Record this pass's per-sample contributions on the probe (exact passes only)."""
-        contributions = linear_contributions(grad_out, x, self.runtime.recorder.probes[self.name])
+        probe = cast(LinearProbe, self.runtime.recorder.probes[self.name])  # linears get slice probes
+        contributions = linear_contributions(grad_out, x, probe)
         self.runtime.recorder.layer_samples(self.name, contributions)
         extra = FlopBucket(backward_done=2.0 * _rows(x) * contributions.shape[1])
         self.runtime.tally.bucket(CALIBRATION).add(extra)

@@ -25,7 +25,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -116,13 +117,13 @@ class ForwardReplay(TorchFunctionMode):
     def recording(self) -> bool:
         return self.layers is Layers.RECORD
 
-    def rerun(self, kept: torch.Tensor | None, batch: int, layers: Layers = Layers.REPLAY) -> "ForwardReplay":
+    def rerun(self, kept: torch.Tensor | None, batch: int, layers: Layers = Layers.REPLAY) -> ForwardReplay:
         """Replay the recordings for the samples ``kept`` (None: all) of a batch of ``batch``."""
         self.layers, self._kept, self._batch, self._positions = layers, kept, batch, [0, 0]
         return self
 
     @contextlib.contextmanager
-    def active(self, intercept: bool) -> Iterator["ForwardReplay"]:
+    def active(self, intercept: bool) -> Iterator[ForwardReplay]:
         """The replay, reachable by the sampled layers; with the mode only if ``intercept``."""
         with self.runtime.replaying(self), (self if intercept else contextlib.nullcontext()):
             yield self
@@ -242,7 +243,8 @@ class CompactBlock:
             rng.restore()  # run the block as usual instead, drawing the same random numbers again
             return self._refuse(reason, args, kwargs)
         self.intercept = bool(replay.masks)
-        return self._attach_backward(output, hidden, flat, spec, replay, layer_flops)
+        # _ineligible refuses a block without a hidden state.
+        return self._attach_backward(output, cast(torch.Tensor, hidden), flat, spec, replay, layer_flops)
 
     def reserved_selection(self, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The sync-free path's kept samples: room reserved from the block's keep ratio, the
@@ -340,6 +342,7 @@ class CompactBlock:
         if reason is not None:  # the forward ran as usual (it built its graph): keep its output
             self._give_up(reason)
             return output
+        hidden = cast(torch.Tensor, hidden)  # _ineligible refuses a block without one
         inputs = tuple(leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in flat)
         check = _Verification(self, inputs, spec, replay, hidden)
         return replace_tensor(output, hidden, _VerifyFunction.apply(hidden, check))
@@ -372,7 +375,7 @@ class _CompactFunction(torch.autograd.Function):
         ctx.n_masks = len(replay.masks)
         replay.masks, replay.outputs = [], []
         hidden, context.hidden = context.hidden, None  # no reference cycle through the output
-        return hidden
+        return cast(torch.Tensor, hidden)  # set by _RerunContext, cleared only here
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -451,7 +454,8 @@ class _Rerun:
             args, kwargs = tree_unflatten(compact, self.spec)
             intercept = bool(self.replay.masks)
             with self.replay.rerun(kept, batch, layers).active(intercept):
-                hidden = find_hidden_state(self.block.inner_forward(*args, **kwargs))
+                # The same forward as the recorded one, which returned a hidden state.
+                hidden = cast(torch.Tensor, find_hidden_state(self.block.inner_forward(*args, **kwargs)))
             targets = [compact[i] for i in wanted] + [p for p, need in zip(self.params, param_needs) if need]
             grads = torch.autograd.grad(hidden, targets, grad_kept.to(hidden.dtype), allow_unused=True)
         return (_input_grads(self.inputs, self.leaves, wanted, grads, kept, batch),

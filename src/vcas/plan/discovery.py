@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections import Counter
-from typing import Callable, Iterable, Sequence, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -20,9 +21,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..errors import BlockDetectionError, ConfigError
 from ..install.registry import DEFAULT_SITES, SiteKind, SiteRegistry
 
-BlockSpec = Union[None, type, tuple, Sequence[str]]
+BlockSpec = type | tuple | Sequence[str] | None
 ModulePredicate = Callable[[nn.Module, str], bool]
-ModuleFilter = Union[None, str, Sequence[str], ModulePredicate]
+ModuleFilter = str | Sequence[str] | ModulePredicate | None
 
 _HOW_TO_NAME = (
     "Name the blocks explicitly: attach(model, cfg, blocks=MyBlockClass), a tuple of classes, "
@@ -55,7 +56,7 @@ class PlannedSite:
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.kind.weight_of(self.module)
+        return cast(nn.Parameter, self.kind.weight_of(self.module))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,8 +292,8 @@ def _first_position(model: nn.Module, cls: type) -> int:
 def _outermost(model: nn.Module, match) -> list[tuple[str, nn.Module]]:
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if match(module) and not any(name.startswith(parent + ".") for parent, _ in found):
-            if all(module is not other for _, other in found):
+        if (match(module) and not any(name.startswith(parent + ".") for parent, _ in found)
+                and all(module is not other for _, other in found)):
                 found.append((name, module))
     return found
 
@@ -303,6 +304,6 @@ def _by_names(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]
     if missing:
         raise BlockDetectionError(
             f"blocks {missing} are not modules of {type(model).__name__}; valid names look like "
-            f"{[n for n in list(modules)[1:6]]}. {_HOW_TO_NAME}")
+            f"{list(list(modules)[1:6])}. {_HOW_TO_NAME}")
     order = {name: position for position, name in enumerate(modules)}
     return [(name, modules[name]) for name in sorted(dict.fromkeys(names), key=order.__getitem__)]

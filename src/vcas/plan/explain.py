@@ -46,7 +46,7 @@ class Explanation:
     mixing: tuple[LayerReport, ...]
 
     @classmethod
-    def from_plan(cls, model: nn.Module, plan: Plan, min_weight_numel: int = 0) -> "Explanation":
+    def from_plan(cls, model: nn.Module, plan: Plan, min_weight_numel: int = 0) -> Explanation:
         """The report of ``plan``; linears under ``min_weight_numel`` entries are reported with
         an exact weight gradient, as the controllers leave them."""
         blocks = tuple(_report(name, module, "block, top of its stack" if plan.above[name] is None else "block")

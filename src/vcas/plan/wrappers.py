@@ -9,6 +9,8 @@ itself: vcas attaches to it as to any module. ``nn.DataParallel``, FSDP1
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from ..errors import AttachError
@@ -44,9 +46,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             raise AttachError(_DATA_PARALLEL_MESSAGE)
         check_not_sharded_unsupported(model, "the model")
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
+            model = cast(nn.Module, model.module)
         elif is_compiled(model):
-            model = model._orig_mod
+            model = cast(nn.Module, model._orig_mod)
         else:
             return model
 
@@ -72,7 +74,7 @@ def ddp_wrapper(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
             return model
         if not is_compiled(model):
             return None
-        model = model._orig_mod
+        model = cast(nn.Module, model._orig_mod)
 
 
 def is_compiled(model: nn.Module) -> bool:

@@ -46,7 +46,7 @@ class Mode:
     def recording(self) -> bool:
         return self.record_norms or self.record_row_scores or self.record_samples
 
-    def replace(self, **changes: object) -> "Mode":
+    def replace(self, **changes: object) -> Mode:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Iterable, Mapping, Sequence
 
 from ..errors import ConfigError
 
@@ -26,14 +26,14 @@ class RatioTable:
         object.__setattr__(self, "weight", MappingProxyType(dict(self.weight)))
 
     @classmethod
-    def ones(cls, blocks: Iterable[str], linears: Iterable[str]) -> "RatioTable":
-        return cls({name: 1.0 for name in blocks}, {name: 1.0 for name in linears})
+    def ones(cls, blocks: Iterable[str], linears: Iterable[str]) -> RatioTable:
+        return cls(dict.fromkeys(blocks, 1.0), dict.fromkeys(linears, 1.0))
 
-    def with_act(self, values: Sequence[float]) -> "RatioTable":
+    def with_act(self, values: Sequence[float]) -> RatioTable:
         """The table with the activation ratios replaced, given in plan order."""
         return dataclasses.replace(self, act=_by_name(self.act, values))
 
-    def with_weight(self, values: Sequence[float]) -> "RatioTable":
+    def with_weight(self, values: Sequence[float]) -> RatioTable:
         """The table with the weight ratios replaced, given in plan order."""
         return dataclasses.replace(self, weight=_by_name(self.weight, values))
 

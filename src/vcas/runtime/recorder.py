@@ -12,7 +12,7 @@ import collections
 import dataclasses
 import logging
 import warnings
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -121,9 +121,9 @@ class Recorder:
                 scores.setdefault(name, []).extend(values)
             for name, value in p.norms.items():
                 norms.setdefault(name, []).append(value)
-        records = Records(samples, scores, norms, self._dropped)
+        taken = Records(samples, scores, norms, self._dropped)
         self.clear()
-        return records
+        return taken
 
     def clear(self) -> None:
         self._passes.clear()

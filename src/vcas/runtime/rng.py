@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import random
 import sys
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn

@@ -14,16 +14,16 @@ import json
 import platform
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from vcas.config import VCASConfig
+
 from .measure import VARIANTS, run_benchmark
 from .presets import PRESETS, build_from_config, build_preset
 from .report import format_table, plot, summarize
 
-__all__ = ["run_benchmark", "summarize", "PRESETS"]
+__all__ = ["PRESETS", "run_benchmark", "summarize"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def _ratios(text: str) -> list[float]:
     try:
         ratios = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"vcas bench: --ratios {text!r} is not a comma-separated list of numbers")
+        raise SystemExit(f"vcas bench: --ratios {text!r} is not a comma-separated list of numbers") from None
     if not ratios or any(not 0 < r <= 1 for r in ratios):
         raise SystemExit(f"vcas bench: --ratios {text!r} must hold keep ratios in (0, 1]")
     return ratios
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"vcas bench: {workload.name} on {device} ({'bf16 autocast' if dtype else 'fp32'}), "
           f"ratios {ratios}, {args.repeats} rounds", file=sys.stderr)
     settings = run_benchmark(workload, ratios, config, repeats=args.repeats, warmup=args.warmup,
-                             dtype=dtype, variants=variants, flop_draws=args.flop_draws, progress=lambda m: print(f"  {m}", file=sys.stderr))
+                             dtype=dtype, variants=variants, flop_draws=args.flop_draws,
+                             progress=lambda m: print(f"  {m}", file=sys.stderr))
     summary = summarize(settings)
     result = {"workload": workload.name, "description": workload.description,
               "device": str(device), "dtype": "bf16" if dtype else "fp32",

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import statistics
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from vcas import DEFAULT_SITES, Controller, VCASConfig, attach
+
 from .naive import NaiveLinearKind
 from .presets import Workload
 

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ class Workload:
     inputs: dict[str, torch.Tensor]
     loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
-    def to(self, device: torch.device) -> "Workload":
+    def to(self, device: torch.device) -> Workload:
         self.model.to(device)
         self.inputs = {k: v.to(device) for k, v in self.inputs.items()}
         return self
@@ -33,7 +34,7 @@ class Preset:
     batch: int
     seq: int
     layers: int
-    build: Callable[["Preset", int, int, int], Workload]
+    build: Callable[[Preset, int, int, int], Workload]
 
 
 def _hf_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -110,7 +111,7 @@ class ResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(c_in, classes)
 
-    def train(self, mode: bool = True) -> "ResNet":
+    def train(self, mode: bool = True) -> ResNet:
         super().train(mode)
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d):
