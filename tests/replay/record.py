@@ -1,9 +1,10 @@
 """Record (or replay) short training runs of both controllers: a fingerprint of every step's
 gradients, the losses and the ratios after every step.
 
-The recording in ``runs.json`` was made before the controller was restructured; the test
-``tests/test_replay.py`` replays the same runs and requires bit-identical fingerprints, so a
-change of structure cannot silently change what training computes.
+The test ``tests/test_replay.py`` replays the runs recorded in ``runs.json`` and requires
+bit-identical fingerprints, so a change of structure cannot silently change what training
+computes. Rewrite the recording only for an intended change of behaviour, in the commit that
+makes it.
 
     python3 tests/replay/record.py            # rewrite runs.json (only for an intended change)
 """
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import vcas  # noqa: E402
-from models import TinyTransformer, token_batch  # noqa: E402
+import vcas
+from models import TinyTransformer, token_batch
 
 RUNS = {
     "adaptive": dict(controller="adaptive", update_every=4, min_weight_numel=0, recompute_below=0.0,
