@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vcas
 from models import TinyTransformer, token_batch
-from test_architectures import _batch, _loss, _model
+from test_architectures import V, _batch, _loss, _model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -174,3 +174,32 @@ def test_a_compact_block_that_receives_no_gradient_counts_its_exact_equivalent_w
         (model(tokens) * 0).sum().backward()  # every block receives an all-zero gradient
     added = [ctl.flops.train.backward_exact - b for ctl, b in zip(controllers, before)]
     assert added[0] > 0 and added[0] == pytest.approx(added[1], rel=1e-9)
+
+
+def test_compact_blocks_count_their_attention_products_once():
+    """Attention as plain matrix products (eager): the counter sees every product, and the
+    accounting must charge a compact block's re-run attention instead of, not on top of, the
+    exact one. The module tracker gives a block's attention backward to its query, key and value
+    layers, so the block's share is derived from its forward."""
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, num_labels=3,
+                                  attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0, recompute_below=1.0, min_weight_numel=0))
+    ctl.measure_flops(lambda b: _loss(model, b), _batch("bert", seed=99))
+    ctl.set_ratios(act=0.3, weight=1.0)
+
+    def step(seed):
+        _loss(model, _batch("bert", seed=seed)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for seed in range(4):
+        step(seed)
+    assert set(ctl.compact_status().values()) == {"compact"}
+    checks = [ctl.check_flops(functools.partial(step, seed)) for seed in range(10, 13)]
+    assert all(c["ratio"] == pytest.approx(1.0, abs=1e-9) for c in checks), checks

@@ -157,22 +157,29 @@ class Mechanism:
         total_forward, total = forward_counts.get("", 0.0), whole_counts.get("", 0.0)
         other = OtherWork(max(0.0, total_forward - layer_forward) / layer_forward,
                           max(0.0, total - total_forward - layer_backward) / layer_backward,
-                          self._block_ratios(forward_counts, whole_counts))
+                          self._block_ratios(forward_counts))
         self.runtime.tally.other = other
 
-    def _block_ratios(self, forward: dict[str, float], whole: dict[str, float]) -> dict[str, tuple[float, float]]:
-        """Per block: its other forward FLOPs per sampled-layer forward FLOP, and the same for
-        the backward (the counted products of the sampled layers are the exact ones here)."""
+    def _block_ratios(self, forward: dict[str, float]) -> dict[str, tuple[float, float]]:
+        """Per block: its other forward FLOPs per sampled-layer forward FLOP, and its other
+        backward FLOPs per sampled-layer backward FLOP (the counted products of the sampled layers
+        are the exact ones here).
+
+        Backward FLOPs come from the forward ones, not from the counter's module tracker, which
+        attributes a backward product to whichever module's backward hooks are active when it
+        runs (measured on a ViT block: its attention products' backward went to the query, key
+        and value layers, none to the block). A matrix product's backward runs one product of
+        its size per operand that needs a gradient: two for attention's products and for a
+        trainable layer (input and weight), one for a frozen layer (input only)."""
         ratios = {}
         for block in self.block_names:
-            sites = [s.name for s in self.plan.sites if s.block == block]
-            site_forward = sum(forward.get(name, 0.0) for name in sites)
-            site_backward = sum(whole.get(name, 0.0) - forward.get(name, 0.0) for name in sites)
-            if site_forward <= 0 or site_backward <= 0 or block not in whole:
+            sites = [s for s in self.plan.sites if s.block == block]
+            site_forward = sum(forward.get(s.name, 0.0) for s in sites)
+            site_backward = sum(forward.get(s.name, 0.0) * (2 if s.weight.requires_grad else 1) for s in sites)
+            if site_forward <= 0 or block not in forward:
                 continue
-            other_forward = max(0.0, forward.get(block, 0.0) - site_forward)
-            other_backward = max(0.0, whole[block] - forward.get(block, 0.0) - site_backward)
-            ratios[block] = (other_forward / site_forward, other_backward / site_backward)
+            other_forward = max(0.0, forward[block] - site_forward)
+            ratios[block] = (other_forward / site_forward, 2 * other_forward / site_backward)
         return ratios
 
     def exact_pass(self, loss: torch.Tensor) -> None:
