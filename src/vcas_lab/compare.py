@@ -283,6 +283,7 @@ def progress_bars(total: int, disabled: bool) -> Callable[[Run], Callable[[int, 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     options = validate(args)
+    measured_on = report.environment()  # the code as it was when training started
     task = load_task(args)
     settings = [settings_for(task, args, seed, options.device) for seed in options.seeds]
     prepare_output(options.out)
@@ -291,7 +292,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         progress = progress_bars(seed_settings.steps, args.no_progress)
         runner = run_in_lockstep if args.lockstep else run_sequentially
         results += runner(task, options.methods, seed_settings, progress)
-    summary = report.write_report(options.out, task, settings[0], results, vars(args), args.lockstep)
+    summary = report.write_report(options.out, task, settings[0], results, vars(args), args.lockstep,
+                                 measured_on)
     if args.logdir:
         report.write_tensorboard(Path(args.logdir), results, task.kind.metric)
     print(report.summary_table(summary))

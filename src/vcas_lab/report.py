@@ -146,7 +146,10 @@ def environment() -> dict[str, Any]:
 
 
 def write_report(out: Path, task: Task, settings: RunSettings, runs: list[RunResult],
-                 arguments: dict[str, Any], lockstep: bool) -> dict[str, Any]:
+                 arguments: dict[str, Any], lockstep: bool,
+                 measured_on: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write report.json, steps.csv, the plots and report.md; ``measured_on`` is the
+    :func:`environment` taken when training started (now, if not given)."""
     metric = task.kind.metric
     exact_runs = {run.seed: run for run in runs if run.method == "exact"}
     records = [run_record(run, exact_runs.get(run.seed), metric) for run in runs]
@@ -159,7 +162,7 @@ def write_report(out: Path, task: Task, settings: RunSettings, runs: list[RunRes
                      "vcas": settings.vcas.to_dict(), "baseline_keep": settings.baseline_keep,
                      "device": settings.device, "bf16": settings.bf16,
                      "variance_checks": settings.variance_checks, "check_target": settings.check_target},
-        "environment": environment(),
+        "environment": measured_on or environment(),
         "arguments": {k: v for k, v in arguments.items() if k not in ("module", "func")},
         "methods": {m: aggregate([r for r in records if r["method"] == m], exact_records) for m in methods},
         "runs": records,
