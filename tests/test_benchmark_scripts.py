@@ -41,3 +41,17 @@ def test_conversion_reads_a_report_and_computes_the_share_that_reached_the_clock
     assert re.search(r"\| toy \| vcas \| 0 \| 50\.0% \(55\.0%\) \| 0\.750 \| 0\.50 \| 0\.750 \| yes \|", printed)
     assert re.search(r"\| toy \| vcas \| 1 \| 50\.0% \(55\.0%\) \| 0\.900 \| 0\.20 \| 0\.750 \| no \|", printed)
     assert "toy: median conversion 0.35 over 2 run(s)" in printed
+
+
+def test_results_table_prints_one_row_per_report_with_the_checks(tmp_path):
+    method = {"sampling_train_flops_reduction": 0.25, "train_flops_reduction": 0.3, "sampling_bp_flops_reduction": 0.4,
+              "time_ratio": 0.9, "final_train_loss": 0.05, "metric": 0.97}
+    runs = [{"method": "vcas", "seed": s, "flop_checks": [{"ratio": 1.0}, {"ratio": 1.02}],
+             "variance_checks": [{"act_ratio": a, "weight_ratio": a / 2} for a in (0.01, 0.03)]} for s in (0, 1)]
+    report = {"task": "toy", "metric": "accuracy", "lockstep": True, "settings": {"steps": 10},
+              "methods": {"vcas": method, "exact": {**method, "final_train_loss": 0.04, "metric": 0.96}},
+              "runs": runs}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    printed = _run("results_table.py", str(tmp_path))
+    assert ("| toy | 2 | 10 | **25.0%** (30.0%) | 40.0% | 0.900x | 0.0500 (0.0400) | accuracy 0.97 (0.96) "
+            "| 0.0200 (0.0300) | 0.0100 (0.0150) | 1.000-1.020 |") in printed
