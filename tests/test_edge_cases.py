@@ -124,6 +124,9 @@ def test_state_dict_resumes_exactly(controller):
     _train(resumed, ctl2, 4, start=4)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
     assert ctl.stats() == ctl2.stats()
+    assert ctl.compact_status() == ctl2.compact_status()  # what the first uses established
+    if controller == "adaptive":  # its ratios fall below recompute_below here
+        assert "compact" in ctl.compact_status().values()
 
 
 def test_state_dict_for_another_model_is_rejected():

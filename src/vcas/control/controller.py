@@ -369,6 +369,8 @@ class Controller:
             "recording": self.mechanism.recording,
             "generators": runtime.generators.state_dict(),
             "history": [dict(entry) for entry in self.history],
+            "compact_blocks": {name: block.state_dict()
+                               for name, block in self.mechanism.installation.compact_blocks.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -406,6 +408,11 @@ class Controller:
             mechanism.start_recording()
         runtime.generators.load_state_dict(state["generators"])
         self.history = [dict(entry) for entry in state["history"]]
+        # A checkpoint without this entry (an earlier format): its blocks verify themselves again.
+        blocks = self.mechanism.installation.compact_blocks
+        for name, block_state in state.get("compact_blocks", {}).items():
+            if name in blocks:
+                blocks[name].load_state_dict(block_state)
 
     # ------------------------------------------------------------------ internals
     def _check_attached(self) -> None:

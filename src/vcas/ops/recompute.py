@@ -270,6 +270,17 @@ class CompactBlock:
         self._give_up(reason)
         return self.original_forward(*args, **kwargs)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What its first uses established (verified, or backpropagated in full and why), so a
+        resumed run takes the same path as the uninterrupted one."""
+        return {"status": self.status, "reason": self.reason, "agreements": self.agreements,
+                "attempts": self.attempts, "intercept": self.intercept}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.status, self.reason = str(state["status"]), state["reason"]
+        self.agreements, self.attempts = int(state["agreements"]), int(state["attempts"])
+        self.intercept = bool(state["intercept"])
+
     def _give_up(self, reason: str) -> None:
         self.status, self.reason = "full", reason
         logger.warning("vcas: block %r is backpropagated in full, not recomputed compactly: %s",
