@@ -1,4 +1,4 @@
-"""The paper's update rules (METHOD.md section 6) on hand-computed cases."""
+"""The paper's update rules (docs/method.md, "The paper's controller") on hand-computed cases."""
 
 import dataclasses
 import math

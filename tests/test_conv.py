@@ -170,7 +170,7 @@ def test_negative_control_skipping_nonzero_samples_after_batchnorm_is_caught(mon
 
 
 def test_equal_ratios_sample_once_per_stack_even_after_batchnorm():
-    """At equal ratios only the top block of each stack samples (METHOD.md section 3); below it
+    """At equal ratios only the top block of each stack samples (docs/method.md, "Activation gradients"); below it
     the gradient is dense again here because BatchNorm mixed the samples, and stays exact."""
     torch.manual_seed(0)
     model = TinyResNet()

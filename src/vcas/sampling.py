@@ -197,7 +197,7 @@ def sampling_variance(probs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor
     """Added variance ``sum (1/p - 1) x^2`` of Bernoulli sampling with re-weighting.
 
     Items with ``p = 0`` must have ``x = 0`` (they contribute nothing), as the capped-proportional
-    rule guarantees. This is the analytic weight-gradient variance of METHOD.md section 4 when
+    rule guarantees. This is the analytic weight-gradient variance of SampleW (docs/method.md) when
     ``scores`` are the row scores ``||dY_r|| * ||X_r||``.
     """
     kept = probs > 0
