@@ -216,11 +216,7 @@ class _SampledLinearFunction(torch.autograd.Function):
             xs = x.reshape(-1, x.shape[-1])
             grad_w, n_kept = _weight_grad(g_rows, xs, row_norms, rows, n_nonzero, site, ctx.x_norms)
             flops.backward_done += per_row * n_kept
-        grad_b = g_rows.sum(0) if (need_b and ctx.has_bias) else None
-        runtime.count_backward(flops)
-        if need_w and site.records_samples():
-            site.record_samples(grad_out, x)
-        return grad_x, grad_w, grad_b, None, None
+        return _finish(ctx, site, flops, g_rows, grad_out, x, grad_x, grad_w, need_w, need_b)
 
 
 def _input_grad(g_rows: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
@@ -315,8 +311,16 @@ def _backward_without_sync(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tens
         x_rows = _gather(xs, rows)
         grad_w, done = _weight_grad_without_sync(g_rows, x_rows, rows, nonzero, site, ctx.x_norms)
         flops.backward_done += per_row * done
+    return _finish(ctx, site, flops, g_rows, grad_out, x, grad_x, grad_w, need_w, need_b)
+
+
+def _finish(ctx: Any, site: LinearSite, flops: FlopBucket, g_rows: torch.Tensor, grad_out: torch.Tensor,
+            x: torch.Tensor, grad_x: torch.Tensor | None, grad_w: torch.Tensor | None, need_w: bool,
+            need_b: bool) -> tuple:
+    """What both backward paths end with: the bias gradient, the FLOPs counted, the samples
+    recorded on a calibration step, and autograd's tuple."""
     grad_b = g_rows.sum(0) if (need_b and ctx.has_bias) else None
-    runtime.count_backward(flops)
+    site.runtime.count_backward(flops)
     if need_w and site.records_samples():
         site.record_samples(grad_out, x)
     return grad_x, grad_w, grad_b, None, None
