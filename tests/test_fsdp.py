@@ -132,7 +132,8 @@ def test_calibration_measures_the_full_gradient(ranks):
     model = _llama()
     ctl = vcas.attach(model, vcas.VCASConfig(**FSDP_CONFIG))
     shapes = {name: list(p.shape) for name, p in ctl.measured_parameters.items()}
-    probes = {name: [probe.dim, probe.index.tolist()] for name, probe in ctl.mechanism.runtime.recorder.probes.items()}
+    # The sketches of the first calibration (drawn at attach, where it starts recording).
+    probes = {name: [probe.dim, probe.matrix.tolist()] for name, probe in ctl.mechanism.runtime.recorder.probes.items()}
     sum(_rank_losses(model, _global_batch(0))).backward()  # per-sample contributions as each rank's
     ctl.maybe_calibrate()
     reference = ctl.history[0]
@@ -294,6 +295,8 @@ def _adaptive(rank: int) -> dict:
     model = _sharded_llama()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ctl = vcas.attach(model, vcas.VCASConfig(**FSDP_CONFIG), optimizer=optimizer)
+    first_sketches = {name: [probe.dim, probe.matrix.tolist()]
+                      for name, probe in ctl.mechanism.runtime.recorder.probes.items()}
     log: dict = {"losses": [], "ratios": [], "local_var_sgd": []}
     merge = vcas.control.distributed.merge
 
@@ -307,12 +310,11 @@ def _adaptive(rank: int) -> dict:
         _train(model, optimizer, ctl, rank, range(STEPS), log)
     finally:
         vcas.control.distributed.merge = merge
-    recorder = ctl.mechanism.runtime.recorder
     return {**log, "updates": ctl.stats()["updates"], "param_checksum": _checksum(model),
             "first_var_sgd": ctl.history[0]["var_sgd"],
             "measured_shapes": {name: list(p.shape) for name, p in ctl.measured_parameters.items()},
             "local_shapes": {name: list(p.to_local().shape) for name, p in ctl.measured_parameters.items()},
-            "probes": {name: [probe.dim, probe.index.tolist()] for name, probe in recorder.probes.items()}}
+            "probes": first_sketches}
 
 
 def _resumed(rank: int) -> dict:

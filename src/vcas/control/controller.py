@@ -368,6 +368,7 @@ class Controller:
             "tally": runtime.tally.state_dict(),
             "recording": self.mechanism.recording,
             "generators": runtime.generators.state_dict(),
+            "sketches": self.mechanism.sketch_state(),
             "history": [dict(entry) for entry in self.history],
             "compact_blocks": {name: block.state_dict()
                                for name, block in self.mechanism.installation.compact_blocks.items()},
@@ -397,6 +398,7 @@ class Controller:
         runtime.generators.reseed(self._seed)
         mechanism.subsets, runtime.recorder.probes = probes(self.plan, mechanism.measured,
                                                             self.config.param_fraction, self._seed)
+        mechanism.load_sketch_state(state.get("sketches"), self._seed)
         self.policy.load_state_dict(state["policy"])
         mechanism.set_ratios(mechanism.ratios.with_act(state["act_ratios"]).with_weight(state["weight_ratios"]))
         self._adapting = bool(state["adapting"])
@@ -501,7 +503,7 @@ def attach(model: nn.Module, config: VCASConfig | None = None, *, blocks: BlockS
                       sync_free=config.sync_free)
     installation = Installation(target, plan, runtime, min_weight_numel=config.min_weight_numel,
                                 check_batch_first=check_batch_first)
-    mechanism = Mechanism(target, plan, installation, measured, subsets, ddp)
+    mechanism = Mechanism(target, plan, installation, measured, subsets, ddp, seed)
     policy = POLICIES[config.controller](config)
     source = CalibrationSource(loss_fn, calibration_data)
     controller = Controller(mechanism, policy, config, seed, source, reason)

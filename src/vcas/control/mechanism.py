@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..accounting import FlopTally, OtherWork
-from ..ops.records import FlatProbe, LinearProbe, SampleRecord, linear_probe
+from ..ops.records import FlatProbe, LinearSketch, SampleRecord, linear_sketch
 from ..plan.checkpointing import checkpointing_suspended
 from ..plan.discovery import Plan
 from ..runtime.mode import EXACT, RECORDING_STEP, SAMPLING, Mode
@@ -45,10 +45,13 @@ class Mechanism:
             layers), in the order the controllers sum them.
         subsets: per measured weight, the flat indices of its probed entries (paper).
         ddp: the DistributedDataParallel wrapper, if any (calibration passes run under no_sync).
+        seed: the seed of the linears' sketches, redrawn for every calibration (the same on
+            every rank: their records are merged as passes of one step).
     """
 
     def __init__(self, model: nn.Module, plan: Plan, installation: Any, measured: dict[str, nn.Parameter],
-                 subsets: dict[str, torch.Tensor], ddp: nn.parallel.DistributedDataParallel | None) -> None:
+                 subsets: dict[str, torch.Tensor], ddp: nn.parallel.DistributedDataParallel | None,
+                 seed: int = 0) -> None:
         self.model = model
         self.plan = plan
         self.installation = installation
@@ -56,6 +59,8 @@ class Mechanism:
         self.measured = measured
         self.subsets = subsets
         self.ddp = ddp
+        self.sketches = torch.Generator().manual_seed(seed)
+        self._before_draw = self.sketches.get_state()
 
     # ------------------------------------------------------------------ what is sampled
     @property
@@ -91,8 +96,25 @@ class Mechanism:
         return self.runtime.base_mode == RECORDING_STEP
 
     def start_recording(self) -> None:
+        """The coming steps calibrate, each linear recording through a sketch of its own drawn
+        now (the calibration's estimates are independent of the previous ones')."""
         self.runtime.recorder.clear()
+        self._before_draw = self.sketches.get_state()
+        self.runtime.recorder.redraw_sketches(self.sketches)
         self.runtime.set_base_mode(RECORDING_STEP)
+
+    def sketch_state(self) -> torch.Tensor:
+        """The sketches' generator as a resumed run needs it: while a calibration records, its
+        state before that calibration's draw (resuming starts the recording again, and draws
+        the same sketches)."""
+        return self._before_draw if self.recording else self.sketches.get_state()
+
+    def load_sketch_state(self, state: torch.Tensor | None, seed: int) -> None:
+        """Restore :meth:`sketch_state` (``None``, from an earlier checkpoint format: reseed)."""
+        self.sketches.manual_seed(seed)
+        if state is not None:
+            self.sketches.set_state(state)
+        self._before_draw = self.sketches.get_state()
 
     def stop_recording(self) -> None:
         if self.recording:
@@ -115,8 +137,8 @@ class Mechanism:
         overflowed = {id(r.pass_norms) for layer in by_layer.values() for r in layer if not r.finite}
         layers = {name: [r for r in layer if id(r.pass_norms) not in overflowed]
                   for name, layer in by_layer.items()}
-        scales = {name: self.measured[name].numel() / max(1, by_layer[name][0].total.numel())
-                  if by_layer[name] else 1.0 for name in measured}
+        probes = self.runtime.recorder.probes
+        scales = {name: probes[name].scale(self.measured[name].numel()) for name in measured}
         scores = {name: records.row_scores.get(name, []) for name in self.linear_names}
         return CalibrationStats(layers, scales, scores, tuple(self.block_names))
 
@@ -247,13 +269,13 @@ def measured_weights(plan: Plan) -> dict[str, nn.Parameter]:
 
 
 def probes(plan: Plan, measured: dict[str, nn.Parameter], fraction: float,
-           seed: int) -> tuple[dict[str, torch.Tensor], dict[str, LinearProbe | FlatProbe]]:
-    """The random ``fraction`` of each measured weight: flat entries for the paper's calibration
-    (and the convolutions' records), whole slices for the linears' records."""
+           seed: int) -> tuple[dict[str, torch.Tensor], dict[str, LinearSketch | FlatProbe]]:
+    """The random ``fraction`` of each measured weight (flat entries, for the paper's calibration
+    and the convolutions' records), and each linear's first sketch (:mod:`vcas.ops.records`)."""
     generator = torch.Generator().manual_seed(seed)
     kinds = {site.name: site for site in plan.sites}
     subsets: dict[str, torch.Tensor] = {}
-    layer_probes: dict[str, LinearProbe | FlatProbe] = {}
+    layer_probes: dict[str, LinearSketch | FlatProbe] = {}
     for name, param in measured.items():
         size = max(1, math.ceil(fraction * param.numel()))
         subsets[name] = torch.randperm(param.numel(), generator=generator)[:size].sort().values
@@ -265,7 +287,7 @@ def probes(plan: Plan, measured: dict[str, nn.Parameter], fraction: float,
         else:
             transposed = getattr(site.kind, "transposed", False)
             out_features, in_features = param.shape[::-1] if transposed else param.shape
-            layer_probes[name] = linear_probe(out_features, in_features, fraction, generator)
+            layer_probes[name] = linear_sketch(out_features, in_features, fraction, generator)
     return subsets, layer_probes
 
 

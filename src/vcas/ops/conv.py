@@ -29,6 +29,7 @@ from ..runtime.runtime import Runtime
 from .activation import nonzero_indices, per_sample_norms
 from .autocast import autocast_inputs
 from .capacity import capacity
+from .records import FlatProbe
 
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
@@ -80,7 +81,8 @@ class ConvSite:
                        geometry: tuple, per_sample_flops: float) -> None:
         """Record this pass's per-sample weight-gradient entries on the probe (exact passes
         only), one sample at a time: one extra weight-gradient product, on calibration steps."""
-        subset = self.runtime.recorder.probes[self.name].index.to(weight.device)
+        probe = cast(FlatProbe, self.runtime.recorder.probes[self.name])  # convolutions get entries
+        subset = probe.index.to(weight.device)
         mask = (False, True, False)
         # The weight gradient is requested by the mask: never None.
         contributions = torch.stack([

@@ -23,7 +23,7 @@ from ..sampling import capped_probs_on_device, capped_proportional_probs, finite
 from .activation import nonzero_rows
 from .autocast import autocast_inputs
 from .capacity import capacity
-from .records import LinearProbe, linear_contributions
+from .records import LinearSketch, linear_contributions, sketch_flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,11 +124,11 @@ class LinearSite:
         return self.runtime.mode.record_samples and self.name in self.runtime.recorder.probes
 
     def record_samples(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
-        """Record this pass's per-sample contributions on the probe (exact passes only)."""
-        probe = cast(LinearProbe, self.runtime.recorder.probes[self.name])  # linears get slice probes
-        contributions = linear_contributions(grad_out, x, probe)
+        """Record this pass's per-sample contributions through the sketch (exact passes only)."""
+        sketch = cast(LinearSketch, self.runtime.recorder.probes[self.name])  # linears get sketches
+        contributions = linear_contributions(grad_out, x, sketch)
         self.runtime.recorder.layer_samples(self.name, contributions)
-        extra = FlopBucket(backward_done=2.0 * _rows(x) * contributions.shape[1])
+        extra = FlopBucket(backward_done=sketch_flops(_rows(x), sketch, contributions.shape[1]))
         self.runtime.tally.bucket(CALIBRATION).add(extra)
 
     def reserved_samples(self, samples: int) -> int:

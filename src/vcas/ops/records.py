@@ -1,12 +1,18 @@
 """Per-sample weight-gradient statistics, recorded during an exact backward for the adaptive
 controller (:mod:`vcas.control.adaptive`).
 
-For a random subset of a layer's weight entries (its *probe*: whole rows or columns of a linear
-weight, single entries of a convolution's), each sample's contribution ``c_i`` to the weight
-gradient is computed from the tensors the backward already has (the layer's input and its output
-gradient). From the contributions of one batch the controller gets the SGD variance (their
-spread) and, for any activation keep ratios, the variance activation sampling would add
+Each sample's contribution ``c_i`` to a layer's weight gradient is seen through the layer's
+*probe*, computed from the tensors the backward already has (the layer's input and its output
+gradient). From the probed contributions of one batch the controller gets the SGD variance
+(their spread) and, for any activation keep ratios, the variance activation sampling would add
 (``sum_i (E[w_i^2] - 1) ||c_i||^2``), without extra passes.
+
+- A linear's probe is a random sketch of one side of its weight (:class:`LinearSketch`), drawn
+  afresh for every calibration: every entry of the weight takes part, so the estimates are
+  unbiased for the whole layer. A fixed subset of rows or columns would not be: in a transformer
+  a few hidden dimensions carry much of the gradient, so which of them a subset holds would
+  decide a layer's estimates (by an order of magnitude on a small Llama).
+- A convolution's probe is a random subset of its weight entries (:class:`FlatProbe`), scaled up.
 """
 
 from __future__ import annotations
@@ -43,12 +49,29 @@ class SampleRecord:
         return bool(torch.isfinite(self.squared_norms).all()) and bool(torch.isfinite(self.total).all())
 
 
+# The fewest columns of a linear's sketch: a sample's ||c_i S||^2 has a relative standard error
+# of at most sqrt(2 / columns) (a rank-one c_i; less for any other), and the per-sample errors
+# are independent, so the batch's and the model's sums are much closer.
+MIN_SKETCH_COLUMNS = 8
+
+
 @dataclasses.dataclass(frozen=True)
-class LinearProbe:
-    """Whole rows (``dim`` 0) or columns (1) of an (out, in) linear weight."""
+class LinearSketch:
+    """A random projection ``S`` (``size`` x ``columns``) of one side of an (out, in) linear
+    weight: of its output side (``dim`` 0: a contribution ``c`` is seen as ``S^T c``, ``columns``
+    x in) or its input side (1: ``c S``, out x ``columns``).
+
+    The entries of ``S`` are independent +-1/sqrt(columns), so ``E[S S^T] = I``: ``||c S||^2`` is
+    an unbiased estimate of ``||c||^2`` for every ``c``, and the spread of the projected
+    contributions an unbiased estimate of their spread. A side no longer than the columns is
+    not projected (``S`` is the identity): its estimates are exact."""
 
     dim: int
-    index: torch.Tensor
+    matrix: torch.Tensor
+
+    def scale(self, numel: int) -> float:
+        """The factor from a probed squared norm to the whole weight's: 1, the sketch is unbiased."""
+        return 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,30 +80,53 @@ class FlatProbe:
 
     index: torch.Tensor
 
+    def scale(self, numel: int) -> float:
+        """The factor from the probed entries' squared norm to the whole weight's."""
+        return numel / max(1, self.index.numel())
 
-def linear_probe(out_features: int, in_features: int, fraction: float,
-                 generator: torch.Generator) -> LinearProbe:
-    """A random ``fraction`` of the rows or columns of an (out, in) weight, along the larger
-    dimension: at least ``fraction`` of the entries, gathered as whole slices so that per-sample
-    contributions are batched matrix products rather than gathers."""
+
+def linear_sketch(out_features: int, in_features: int, fraction: float,
+                  generator: torch.Generator) -> LinearSketch:
+    """A fresh sketch of the larger side of an (out, in) weight, with ``fraction`` of that side's
+    size as columns (at least :data:`MIN_SKETCH_COLUMNS`)."""
     dim = 0 if out_features >= in_features else 1
     size = (out_features, in_features)[dim]
-    count = max(1, math.ceil(fraction * size))
-    return LinearProbe(dim, torch.randperm(size, generator=generator)[:count].sort().values)
+    columns = max(MIN_SKETCH_COLUMNS, math.ceil(fraction * size))
+    if size <= columns:
+        return LinearSketch(dim, torch.eye(size))
+    signs = torch.randint(0, 2, (size, columns), generator=generator, dtype=torch.float32)
+    return LinearSketch(dim, (2 * signs - 1) / math.sqrt(columns))
 
 
-def linear_contributions(grad_out: torch.Tensor, x: torch.Tensor, probe: LinearProbe) -> torch.Tensor:
-    """(samples, entries) per-sample contributions ``c_i = dY_i^T X_i`` of each sample to the
-    probed weight slices."""
+def redrawn(sketch: LinearSketch, generator: torch.Generator) -> LinearSketch:
+    """A new sketch of the same side and size, independent of ``sketch``."""
+    size, columns = sketch.matrix.shape
+    if size == columns:
+        return sketch  # the identity: exact, nothing to draw
+    signs = torch.randint(0, 2, (size, columns), generator=generator, dtype=torch.float32)
+    return LinearSketch(sketch.dim, (2 * signs - 1) / math.sqrt(columns))
+
+
+def linear_contributions(grad_out: torch.Tensor, x: torch.Tensor, sketch: LinearSketch) -> torch.Tensor:
+    """(samples, entries) per-sample contributions ``c_i = dY_i^T X_i`` to the weight gradient
+    seen through the sketch (``S^T c_i`` or ``c_i S``): two thin products, no per-sample
+    weight-sized tensor."""
     samples = x.shape[0] if x.dim() > 1 else 1
     gy = grad_out.reshape(samples, -1, grad_out.shape[-1]).float()
     xs = x.reshape(samples, -1, x.shape[-1]).float()
-    index = probe.index.to(gy.device)
-    if probe.dim == 0:
-        gy = gy.index_select(2, index)
+    matrix = sketch.matrix.to(gy.device)
+    if sketch.dim == 0:
+        gy = gy @ matrix
     else:
-        xs = xs.index_select(2, index)
+        xs = xs @ matrix
     return torch.bmm(gy.transpose(1, 2), xs).reshape(samples, -1)
+
+
+def sketch_flops(rows: int, sketch: LinearSketch, entries: int) -> float:
+    """FLOPs of :func:`linear_contributions`: projecting ``rows`` rows, then the per-sample products."""
+    size, columns = sketch.matrix.shape
+    projection = 0.0 if size == columns else 2.0 * rows * size * columns
+    return projection + 2.0 * rows * entries
 
 
 def contribution_moments(contributions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

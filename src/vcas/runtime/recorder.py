@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..ops.records import FlatProbe, LinearProbe, SampleRecord, contribution_moments
+from ..ops.records import FlatProbe, LinearSketch, SampleRecord, contribution_moments, redrawn
 
 logger = logging.getLogger("vcas")
 
@@ -51,17 +51,22 @@ class Recorder:
     """Per-layer records of the current calibration.
 
     Args:
-        probes: per sampled layer whose weight gradient is measured, the weight entries whose
-            per-sample contributions are recorded.
+        probes: per sampled layer whose weight gradient is measured, what its per-sample
+            contributions are recorded through (a linear's sketch, a convolution's entries).
         max_passes: the most backward passes kept between two :meth:`take` calls.
     """
 
-    def __init__(self, probes: Mapping[str, LinearProbe | FlatProbe], max_passes: int = MAX_PASSES) -> None:
+    def __init__(self, probes: Mapping[str, LinearSketch | FlatProbe], max_passes: int = MAX_PASSES) -> None:
         self.probes = dict(probes)
         self.max_passes = max_passes
         self._passes: collections.deque[PassRecords] = collections.deque()
         self._dropped = 0
         self._warned = False
+
+    def redraw_sketches(self, generator: torch.Generator) -> None:
+        """New sketches for the linears, drawn from ``generator``."""
+        self.probes = {name: redrawn(probe, generator) if isinstance(probe, LinearSketch) else probe
+                       for name, probe in self.probes.items()}
 
     # ------------------------------------------------------------------ written by the ops
     def start_pass(self) -> None:
