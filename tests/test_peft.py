@@ -321,3 +321,35 @@ def test_bitsandbytes_layers_stay_exact_with_the_reason_and_the_rest_is_unbiased
     # Control: another nn.Linear subclass is exact for another reason (register it if plain).
     other = {r.name: r.detail for r in vcas.explain(_with_linear(MyLinear)).exact}
     assert other["blocks.0.mlp.0"].startswith("subclass of nn.Linear (MyLinear)")
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_flops_accounting_matches_an_independent_count_with_adapters_initialised_as_peft_does(family):
+    """PEFT starts B at zero, so the first backward gives every A an all-zero gradient, which
+    the sampled layers skip: the one-off measurement of the model's other work must not read
+    those skipped products as negative other work (0.92 on a BERT with LoRA everywhere if it
+    does). At ratio 0.5 the blocks recompute compactly, their first uses verifying themselves
+    with two re-runs, which count as what they ran (the model's work outside the block not
+    charged for them)."""
+    build, task = FAMILIES[family]
+    torch.manual_seed(0)
+    targets = list(LLAMA_LINEARS) if family == "llama" else ["query", "key", "value", "dense"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type=task, target_modules=targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = peft.get_peft_model(build(), config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0, controller="adaptive"))
+    ctl.measure_flops(lambda _batch: _loss_of(family, seed=0)(model), None)
+
+    def step(seed):
+        _loss_of(family, seed)(model).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    ratios = []
+    for seed, act in ((1, 1.0), (2, 1.0), (3, 0.5)):
+        ctl.set_ratios(act=act, weight=1.0)
+        ratios.append(ctl.check_flops(lambda seed=seed: step(seed))["ratio"])
+    assert ratios == pytest.approx([1.0] * 3, rel=1e-6), ratios
+    ctl.detach()

@@ -177,8 +177,12 @@ class Mechanism:
             return
         forward_counts, whole_counts = _per_module(forward, self.model), _per_module(whole, self.model)
         total_forward, total = forward_counts.get("", 0.0), whole_counts.get("", 0.0)
+        # What the sampled layers really ran in the counted backward, not their exact products: a
+        # layer whose gradient is all zero (a LoRA A below a B initialised to zero) skips its
+        # products, and the difference is not the model's other work.
+        layer_backward_run = layers.backward_done
         other = OtherWork(max(0.0, total_forward - layer_forward) / layer_forward,
-                          max(0.0, total - total_forward - layer_backward) / layer_backward,
+                          max(0.0, total - total_forward - layer_backward_run) / layer_backward,
                           self._block_ratios(forward_counts))
         self.runtime.tally.other = other
 

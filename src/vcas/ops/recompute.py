@@ -346,8 +346,11 @@ class CompactBlock:
         """The block's own forward with its graph, its dropout masks and layer outputs recorded
         beside it; the backward is checked against the compact re-run (design note above)."""
         replay = ForwardReplay(self.runtime)
-        with replay.active(intercept=True):
+        scratch = FlopTally()
+        with replay.active(intercept=True), self.runtime.counting_into(scratch):
             output = self.inner_forward(*args, **kwargs)
+        layer_flops = scratch.train.forward + scratch.calibration.forward
+        self.runtime.tally.bucket(self.runtime.mode.phase).forward += layer_flops
         hidden = find_hidden_state(output)
         reason = self._ineligible(output, hidden, flat, replay)
         if reason is not None:  # the forward ran as usual (it built its graph): keep its output
@@ -355,7 +358,7 @@ class CompactBlock:
             return output
         hidden = cast(torch.Tensor, hidden)  # _ineligible refuses a block without one
         inputs = tuple(leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in flat)
-        check = _Verification(self, inputs, spec, replay, hidden)
+        check = _Verification(self, inputs, spec, replay, hidden, layer_flops)
         return replace_tensor(output, hidden, _VerifyFunction.apply(hidden, check))
 
 
@@ -497,8 +500,9 @@ class _Verification:
     """One verifying use of a block: its recordings and detached inputs, compared in the backward."""
 
     def __init__(self, block: CompactBlock, inputs: tuple, spec: Any, replay: ForwardReplay,
-                 hidden: torch.Tensor) -> None:
+                 hidden: torch.Tensor, layer_flops: float) -> None:
         self.block, self.inputs, self.spec, self.replay = block, inputs, spec, replay
+        self.layer_flops = layer_flops  # the block's sampled layers' forward on the whole batch
         self.dtype = hidden.dtype
         device = hidden.device.type
         self.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
@@ -518,25 +522,38 @@ class _Verification:
         param_needs = tuple(True for _ in params)
         flat = [_TENSOR if isinstance(leaf, torch.Tensor) else _rerun_leaf(leaf) for leaf in self.inputs]
         rerun = _Rerun(self.block, flat, self.spec, self.replay, tensors, params, self.autocast)
-        batch = grad.shape[0]
-        # Exact weight gradients in both (no draws), counted as calibration work.
+        # Exact weight gradients in both (no draws), counted as calibration work: what they ran
+        # (two re-runs of the block alone), not the exact backward of a model they stand for.
+        work = FlopTally(other=runtime.tally.other)
         with runtime.using(phase=CALIBRATION, sample_weights=False, record_samples=False,
-                           record_row_scores=False, record_norms=False):
-            try:
-                full = rerun.backward(None, grad, batch, input_needs, param_needs, 0.0, Layers.COMPUTE)
-                # As the block's compact backward will: replaying its layers' outputs, or
-                # computing them where checkpointing keeps none.
-                layers = Layers.COMPUTE if checkpoints(self.block.module) else Layers.REPLAY
-                compact = rerun.backward(kept, grad.index_select(0, kept), batch, input_needs,
-                                         param_needs, 0.0, layers)
-            except _ReplayMismatch as error:
-                self.block.record_verdict(False, f"a re-run differs from the forward: {error}")
-                return
-            except RuntimeError as error:  # the block cannot run on part of its batch
-                self.block.record_verdict(False, f"a re-run on part of the batch fails: {error}")
-                return
+                           record_row_scores=False, record_norms=False), runtime.counting_into(work):
+            outcome = self._reruns(rerun, kept, grad, input_needs, param_needs)
+        done = work.settle().calibration
+        runtime.count_backward(FlopBucket(backward_done=done.backward_done + done.recompute_other_done))
+        if isinstance(outcome, str):
+            self.block.record_verdict(False, outcome)
+            return
+        full, compact = outcome
         agreed, detail = _agree(full[0] + full[1], compact[0] + compact[1], self.dtype)
         self.block.record_verdict(agreed, detail)
+
+    def _reruns(self, rerun: _Rerun, kept: torch.Tensor, grad: torch.Tensor, input_needs: tuple,
+                param_needs: tuple) -> tuple[Any, Any] | str:
+        """The block's gradients re-run on the whole batch and on the kept samples, or why a
+        re-run failed."""
+        batch = grad.shape[0]
+        try:
+            full = rerun.backward(None, grad, batch, input_needs, param_needs, self.layer_flops, Layers.COMPUTE)
+            # As the block's compact backward will: replaying its layers' outputs, or computing
+            # them where checkpointing keeps none.
+            layers = Layers.COMPUTE if checkpoints(self.block.module) else Layers.REPLAY
+            compact = rerun.backward(kept, grad.index_select(0, kept), batch, input_needs, param_needs,
+                                     self.layer_flops, layers)
+        except _ReplayMismatch as error:
+            return f"a re-run differs from the forward: {error}"
+        except RuntimeError as error:  # the block cannot run on part of its batch
+            return f"a re-run on part of the batch fails: {error}"
+        return full, compact
 
 
 class _VerifyFunction(torch.autograd.Function):
