@@ -187,3 +187,24 @@ class NormBlocksOnly(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
+
+
+# ------------------------------------------------------------------ tiny Hugging Face models
+def tiny_llama(vocab: int = 64) -> nn.Module:
+    """A 2-layer Llama (hidden 32, grouped-query attention with one key/value head)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   use_cache=False)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def tiny_bert(vocab: int = 64, dropout: float = 0.0, **options) -> nn.Module:
+    """A 2-layer BERT classifier (hidden 32, 3 labels); ``options`` go to its config."""
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32, num_labels=3,
+                                  hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, **options)
+    return transformers.BertForSequenceClassification(cfg)

@@ -23,7 +23,7 @@ from torch import nn
 
 import vcas
 import vcas.ops.recompute
-from models import TinyTransformer, token_batch
+from models import TinyTransformer, tiny_bert, tiny_llama, token_batch
 from vcas.plan.checkpointing import checkpoint_free_forward, checkpointing_suspended
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,24 +33,13 @@ V, N, T = 64, 8, 12
 STEPS = 4  # two verifying uses, then compact backwards at low ratios
 
 
-def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                   use_cache=False)
-    return transformers.LlamaForCausalLM(cfg)
-
-
 def _bert():
     # Eager attention draws its dropout with F.dropout, which compact recompute replays (SDPA's
     # dropout it cannot): both dropouts are on, so the checkpoint's re-run must draw the same masks.
-    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=32, num_labels=3,
-                                  hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                                  attn_implementation="eager")
-    return transformers.BertForSequenceClassification(cfg)
+    return tiny_bert(V, dropout=0.1, attn_implementation="eager")
 
 
-FAMILIES = {"llama": _llama, "bert": _bert}
+FAMILIES = {"llama": lambda: tiny_llama(V), "bert": _bert}
 
 
 def _model(family: str, checkpointing: bool | None) -> nn.Module:

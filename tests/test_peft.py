@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vcas
-from models import TinyTransformer, token_batch
+from models import TinyTransformer, tiny_bert, tiny_llama, token_batch
 from stats import (
     EXPECTATION_TOLERANCE,
     ScaledBernoulli,
@@ -44,21 +44,7 @@ V, N, T = 64, 8, 12
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                   use_cache=False)
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def _bert():
-    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=32, num_labels=3,
-                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(cfg)
-
-
-FAMILIES = {"llama": (_llama, "CAUSAL_LM"), "bert": (_bert, "SEQ_CLS")}
+FAMILIES = {"llama": (lambda: tiny_llama(V), "CAUSAL_LM"), "bert": (lambda: tiny_bert(V), "SEQ_CLS")}
 
 
 def _lora(family: str, **options) -> nn.Module:

@@ -26,7 +26,10 @@ class VCASConfig:
         mc_samples: M, the number of calibration batches (and of sampled draws per batch).
         s_step: alpha, the step by which the kept gradient-norm share ``s`` moves per update.
         nu_mult: beta, the factor applied to (or divided out of) each weight keep ratio per update.
-        param_fraction: share of each sampled layer's weight entries used to estimate variances.
+        param_fraction: the size of what each sampled layer's variances are estimated from:
+            the share of a weight's entries the paper's calibration (and a convolution's records)
+            use, and a linear's sketch columns as a share of its larger side (adaptive; at
+            least 8 columns).
         ratio_ema: decay of an exponential moving average applied to the activation keep ratios
             (0 = apply the candidate schedule directly; the paper mentions 0.6 as an option).
         seed: seed of the controller's own sampling generator. ``None`` derives it from

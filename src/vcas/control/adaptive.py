@@ -5,9 +5,10 @@ batches, moves s by a fixed 0.01, and decides the direction from a two-batch var
 that jumps by orders of magnitude, so short runs stay near exact training. This controller:
 
 - Calibrates on the training step itself. A calibration step runs its backward exactly (its
-  gradient trains the model) and the sampled layers record, for a random 1 % of their weight
-  entries, each sample's contribution ``c_i`` to the weight gradient (:mod:`vcas.ops.records`);
-  the block samplers record the per-sample gradient norms. No extra forward or backward.
+  gradient trains the model) and the sampled layers record each sample's contribution ``c_i``
+  to the weight gradient through a random sketch drawn for the calibration (unbiased for the
+  whole layer; :mod:`vcas.ops.records`); the block samplers record the per-sample gradient
+  norms. No extra forward or backward.
 - Estimates the SGD variance within the batch, from the spread of the ``c_i`` (``N - 1`` degrees
   of freedom instead of the ``M - 1 = 1`` of two batch gradients).
 - Predicts the variance sampling would add at any keep ratios without sampling

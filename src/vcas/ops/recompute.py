@@ -529,7 +529,7 @@ class _Verification:
                            record_row_scores=False, record_norms=False), runtime.counting_into(work):
             outcome = self._reruns(rerun, kept, grad, input_needs, param_needs)
         done = work.settle().calibration
-        runtime.count_backward(FlopBucket(backward_done=done.backward_done + done.recompute_other_done))
+        runtime.tally.bucket(CALIBRATION).add(FlopBucket(backward_done=done.backward_done + done.recompute_other_done))
         if isinstance(outcome, str):
             self.block.record_verdict(False, outcome)
             return
