@@ -23,7 +23,7 @@ from vcas.control import prediction
 from vcas.control.mechanism import scalar_loss
 from vcas.runtime.mode import CALIBRATION
 from vcas_lab.tasks import builtin_task
-from vcas_lab.train import Run, RunSettings
+from vcas_lab.train import Run, RunSettings, endless_batches
 
 
 def main(task_name: str = "bbc-lm", train_steps: int = 30) -> None:
@@ -59,11 +59,11 @@ def main(task_name: str = "bbc-lm", train_steps: int = 30) -> None:
         return exact, errors
 
     def within_exact(batch):
-        with mech.isolated(enabled=True, record_samples=False, record_norms=False, record_row_scores=False):
-            with mech.runtime.using(sample_acts=False, sample_weights=False):
-                losses, _ = task.kind.per_sample_loss(run.model, batch)
-                n = losses.numel()
-                contributions = [grads(losses[i] / n, i < n - 1) for i in range(n)]
+        with mech.isolated(enabled=True, record_samples=False, record_norms=False, record_row_scores=False), \
+                mech.runtime.using(sample_acts=False, sample_weights=False):
+            losses, _ = task.kind.per_sample_loss(run.model, batch)
+            n = losses.numel()
+            contributions = [grads(losses[i] / n, i < n - 1) for i in range(n)]
         result = {}
         for name in names:
             squares = sum(float(c[name].pow(2).sum()) for c in contributions)
@@ -80,7 +80,9 @@ def main(task_name: str = "bbc-lm", train_steps: int = 30) -> None:
         mech.stop_recording()
         return stats.sgd_variances(), prediction.act_variances(stats, mech.above_positions, act)
 
-    batches = [run._next(run.check_batches) for _ in range(6)]
+    # Batches of the training set in the order the run's variance checks would take them.
+    stream = endless_batches(task.train, task.batch_size, seed=700)
+    batches = [next(stream) for _ in range(6)]
     exact = [measured(b, draws=1)[0] for b in batches]
     between = {n: sum(float((exact[2 * k][n] - exact[2 * k + 1][n]).pow(2).sum()) / 2 for k in range(3)) / 3
                for n in names}
