@@ -1,11 +1,14 @@
 """One row per `vcas compare` report: the README's results table.
 
     python3 benchmarks/results_table.py results/demo results/compare-mnist-vit ...
+    python3 benchmarks/results_table.py --methods results/compare-bbc-minilm-lora ...
 
 Per report (the ``vcas`` method against ``exact``, means over seeds): training FLOPs saved by
 sampling alone and in all, backward FLOPs saved by sampling, the time ratio to exact (lockstep
 runs only), final training loss and the task's metric against exact's, the independent variance
 checks (mean and largest of all checks, against tau) and the FLOPs checks (accounted / counted).
+With ``--methods``: one row per method of each report (the baselines beside VCAS), with the
+FLOPs saved, the final training loss and the task's metric.
 """
 
 from __future__ import annotations
@@ -36,6 +39,26 @@ def row(report: dict) -> str:
             f"| {_checks(runs, 'act_ratio')} | {_checks(runs, 'weight_ratio')} | {flops} |")
 
 
+def method_rows(report: dict) -> list[str]:
+    metric = report["metric"]
+    rows = []
+    for name, method in report["methods"].items():
+        saved = (f"**{method.get('sampling_train_flops_reduction', 0.0):.1%}** "
+                 f"({method.get('train_flops_reduction', 0.0):.1%})")
+        rows.append(f"| {report['task']} | {name} | {len({r['seed'] for r in report['runs'] if r['method'] == name})} "
+                    f"| {report['settings']['steps']} | {saved} | {method['final_train_loss']:.4f} "
+                    f"| {metric} {method['metric']:.4g} |")
+    return rows
+
+
+def methods_table(folders: list[str]) -> None:
+    print("| task | method | seeds | steps | train FLOPs saved by sampling (in all) | final train loss | metric |")
+    print("|---|---|---|---|---|---|---|")
+    for folder in folders:
+        for line in method_rows(json.loads((Path(folder) / "report.json").read_text())):
+            print(line)
+
+
 def main(folders: list[str]) -> None:
     print("| task | seeds | steps | train FLOPs saved by sampling (in all) | backward FLOPs saved by sampling "
           "| time / exact | final train loss (exact) | metric (exact) | checked V_act / V_sgd: mean (max) "
@@ -46,6 +69,9 @@ def main(folders: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
+    arguments = sys.argv[1:]
+    by_method = bool(arguments) and arguments[0] == "--methods"
+    folders = arguments[1:] if by_method else arguments
+    if not folders:
         sys.exit(__doc__)
-    main(sys.argv[1:])
+    (methods_table if by_method else main)(folders)

@@ -55,3 +55,6 @@ def test_results_table_prints_one_row_per_report_with_the_checks(tmp_path):
     printed = _run("results_table.py", str(tmp_path))
     assert ("| toy | 2 | 10 | **25.0%** (30.0%) | 40.0% | 0.900x | 0.0500 (0.0400) | accuracy 0.97 (0.96) "
             "| 0.0200 (0.0300) | 0.0100 (0.0150) | 1.000-1.020 |") in printed
+    by_method = _run("results_table.py", "--methods", str(tmp_path))
+    assert "| toy | vcas | 2 | 10 | **25.0%** (30.0%) | 0.0500 | accuracy 0.97 |" in by_method
+    assert "| toy | exact | 0 | 10 | **25.0%** (30.0%) | 0.0400 | accuracy 0.96 |" in by_method
