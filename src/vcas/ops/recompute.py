@@ -326,8 +326,8 @@ class CompactBlock:
         with torch.no_grad(), self.runtime.counting_into(scratch), replay.active(self.intercept):
             output = self.inner_forward(*args, **kwargs)
         if self.intercept or not rng.advanced():
-            forward = scratch.train.forward + scratch.calibration.forward
-            self.runtime.tally.bucket(self.runtime.mode.phase).forward += forward
+            forward = _forward_flops(scratch)
+            self.runtime.count_forward(forward)
             return replay, output, forward
         rng.restore()
         self.intercept = True
@@ -349,8 +349,8 @@ class CompactBlock:
         scratch = FlopTally()
         with replay.active(intercept=True), self.runtime.counting_into(scratch):
             output = self.inner_forward(*args, **kwargs)
-        layer_flops = scratch.train.forward + scratch.calibration.forward
-        self.runtime.tally.bucket(self.runtime.mode.phase).forward += layer_flops
+        layer_flops = _forward_flops(scratch)
+        self.runtime.count_forward(layer_flops)
         hidden = find_hidden_state(output)
         reason = self._ineligible(output, hidden, flat, replay)
         if reason is not None:  # the forward ran as usual (it built its graph): keep its output
@@ -475,6 +475,11 @@ class _Rerun:
         return (_input_grads(self.inputs, self.leaves, wanted, grads, kept, batch),
                 _param_grads(self.params, param_needs, grads[len(wanted):]))
 
+
+def _forward_flops(scratch: FlopTally) -> float:
+    """The sampled layers' forward FLOPs a block's forward counted into ``scratch`` (in either
+    phase), which the caller then counts as its own."""
+    return scratch.train.forward + scratch.calibration.forward
 
 def _count_rerun(block: CompactBlock, rerun: FlopBucket, batch: int, kept: int, layer_flops: float) -> None:
     """Count a compact backward: the sampled layers' products as done on the kept samples, their

@@ -94,8 +94,7 @@ def linear_sketch(out_features: int, in_features: int, fraction: float,
     columns = max(MIN_SKETCH_COLUMNS, math.ceil(fraction * size))
     if size <= columns:
         return LinearSketch(dim, torch.eye(size))
-    signs = torch.randint(0, 2, (size, columns), generator=generator, dtype=torch.float32)
-    return LinearSketch(dim, (2 * signs - 1) / math.sqrt(columns))
+    return LinearSketch(dim, _random_signs(size, columns, generator))
 
 
 def redrawn(sketch: LinearSketch, generator: torch.Generator) -> LinearSketch:
@@ -103,8 +102,13 @@ def redrawn(sketch: LinearSketch, generator: torch.Generator) -> LinearSketch:
     size, columns = sketch.matrix.shape
     if size == columns:
         return sketch  # the identity: exact, nothing to draw
+    return LinearSketch(sketch.dim, _random_signs(size, columns, generator))
+
+
+def _random_signs(size: int, columns: int, generator: torch.Generator) -> torch.Tensor:
+    """A (size, columns) matrix of independent +-1/sqrt(columns): ``E[S S^T] = I``."""
     signs = torch.randint(0, 2, (size, columns), generator=generator, dtype=torch.float32)
-    return LinearSketch(sketch.dim, (2 * signs - 1) / math.sqrt(columns))
+    return (2 * signs - 1) / math.sqrt(columns)
 
 
 def linear_contributions(grad_out: torch.Tensor, x: torch.Tensor, sketch: LinearSketch) -> torch.Tensor:
