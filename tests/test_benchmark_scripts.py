@@ -58,3 +58,11 @@ def test_results_table_prints_one_row_per_report_with_the_checks(tmp_path):
     by_method = _run("results_table.py", "--methods", str(tmp_path))
     assert "| toy | vcas | 2 | 10 | **25.0%** (30.0%) | 0.0500 | accuracy 0.97 |" in by_method
     assert "| toy | exact | 0 | 10 | **25.0%** (30.0%) | 0.0400 | accuracy 0.96 |" in by_method
+
+
+@needs_mnist
+def test_variance_by_batch_prints_each_batch_and_the_check_like_ratio():
+    printed = _run("variance_by_batch.py", "mnist-vit", "3", "10")
+    assert len(re.findall(r"batch +\d+: V_sgd \(controller\) [\d.e+-]+ +V_act predicted [\d.e+-]+ +measured "
+                          r"[\d.e+-]+ +predicted ratio [\d.]+", printed)) == 12
+    assert re.search(r"V_act measured / V_sgd between batches [\d.]+; mean predicted ratio [\d.]+", printed)
