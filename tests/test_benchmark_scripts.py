@@ -66,3 +66,9 @@ def test_variance_by_batch_prints_each_batch_and_the_check_like_ratio():
     assert len(re.findall(r"batch +\d+: V_sgd \(controller\) [\d.e+-]+ +V_act predicted [\d.e+-]+ +measured "
                           r"[\d.e+-]+ +predicted ratio [\d.]+", printed)) == 12
     assert re.search(r"V_act measured / V_sgd between batches [\d.]+; mean predicted ratio [\d.]+", printed)
+
+
+def test_dropout_replay_prints_a_row_per_shape():
+    printed = _run("dropout_replay.py", "1")
+    assert len(re.findall(r"^\| (attention probabilities|hidden states) \([\d, ]+\)( \| [\d.]+){5} \|$",
+                          printed, flags=re.MULTILINE)) == 2
