@@ -461,8 +461,8 @@ def test_the_pool_forgets_calibrations_older_than_the_window_and_beyond_the_memo
     assert memory.steps == [1, 60]
     memory.remember(stats[2], step=130, window=100)  # step 1 is 129 steps old: forgotten
     assert memory.steps == [60, 130] and memory.history == stats[1:]
-    # decay ** (age in steps / tick), each over the calibration's own scale
-    assert [w * st.energy() for w, st in memory.pool(0.5, tick=35)] == pytest.approx([0.25, 1.0])
+    # decay ** age, each over the calibration's own scale
+    assert [w * st.energy() for w, st in memory.pool(0.5)] == pytest.approx([0.5, 1.0])
     for step in range(131, 131 + 2 * adaptive.MEMORY):
         memory.remember(stats[0], step=step, window=10_000)
     assert len(memory.history) == len(memory.steps) == adaptive.MEMORY
@@ -492,50 +492,10 @@ def test_the_pool_does_not_let_the_scale_of_old_calibrations_decide():
         memory = adaptive.AdaptiveState()
         for step, stats in enumerate(history):
             memory.remember(stats, step=step, window=1000)
-        solved.append(solve(memory.pool(0.8, tick=1)))
+        solved.append(solve(memory.pool(0.8)))
         unscaled.append(solve([(0.8 ** (4 - age), stats) for age, stats in enumerate(history)]))
     assert solved[0] == pytest.approx(solved[1], abs=2 ** -9)
     assert abs(unscaled[0] - unscaled[1]) > 0.01
-
-
-def _aligned(stats):
-    """``stats`` with every layer's batch sum grown toward its largest possible norm, as if the
-    samples' contributions shared a direction: V_sgd falls while every sample's norm, and so the
-    variance sampling adds, stays. At a given share, V_act / V_sgd is then larger."""
-    for records in stats.layers.values():
-        for record in records:
-            n = record.squared_norms.numel()
-            record.total.fill_((0.8 * n * float(record.squared_norms.sum()) / record.total.numel()) ** 0.5)
-    return stats
-
-
-def test_the_pool_follows_recent_calibrations_when_the_added_variance_grows_during_training():
-    """Calibrations come every step early in training and every few tens of steps later, and on
-    some models (a causal LM from scratch) V_act / V_sgd at a given share grows meanwhile. The
-    pool decays with the steps since each calibration, so the eight early ones (steps 1-15) do
-    not outweigh the two recent ones (steps 35 and 55): the solved share keeps the recent
-    calibrations within tau. Decayed per calibration instead, the early ones hold half of the
-    weight and the solved share puts the recent ones at 5 tau."""
-    early = [(step, _synthetic_stats(seed)) for seed, step in enumerate(range(1, 17, 2))]
-    late = [(35, _aligned(_synthetic_stats(20))), (55, _aligned(_synthetic_stats(21)))]
-    everything, recent = adaptive.AdaptiveState(), adaptive.AdaptiveState()
-    for step, stats in early + late:
-        everything.remember(stats, step=step, window=1000)
-    for step, stats in late:
-        recent.remember(stats, step=step, window=1000)
-    per_calibration = [(0.8 ** (len(everything.history) - 1 - age) / stats.energy(), stats)
-                       for age, stats in enumerate(everything.history)]
-
-    def solve(pool):
-        return prediction.solve_share(pool, ABOVE, TAU * sum(prediction.pooled_sgd_variances(pool).values()))
-
-    def recent_bound(s):
-        pool = recent.pool(0.8, tick=2)
-        ratios = share_schedule(prediction.pooled_block_norms(pool), s)
-        return prediction.pooled_act_variance(pool, ABOVE, ratios) / sum(prediction.pooled_sgd_variances(pool).values())
-
-    assert recent_bound(solve(everything.pool(0.8, tick=2))) <= TAU
-    assert recent_bound(solve(per_calibration)) > 3 * TAU  # the negative control
 
 
 def test_pooled_act_variance_equals_the_weighted_sum_of_the_per_layer_predictions():

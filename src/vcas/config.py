@@ -45,8 +45,7 @@ class VCASConfig:
             ``max(1, update_every // 10)``); the interval doubles up to ``update_every`` while the
             ratios are stable. The first training step is a calibration step.
         smoothing: adaptive only: the weight of a calibration in the pooled statistics decays by
-            this factor for every ``min_update_every`` training steps of its age (0 = use each
-            calibration alone).
+            this factor with each newer one (0 = use each calibration alone).
         min_weight_ratio: adaptive only: the smallest weight keep ratio the solver may choose.
         max_weight_ratio: adaptive only: a solved weight keep ratio above this becomes 1 (the
             layer's weight gradient stays exact): near 1, SampleW's solve and gathers cost more

@@ -14,9 +14,9 @@ that jumps by orders of magnitude, so short runs stay near exact training. This 
 - Predicts the variance sampling would add at any keep ratios without sampling
   (:mod:`vcas.control.prediction`).
 - Solves for the smallest s whose predicted V_act stays within ``tau_act * V_sgd``, both pooled
-  over the last few calibrations with weights that decay with their age in training steps
-  (ratio of pooled sums, the quantity the bound is about), and each nu_l from the analytic
-  SampleW variance of the recorded row scores against ``tau_w * V_sgd,l``.
+  over the last few calibrations with geometrically decaying weights (ratio of pooled sums, the
+  quantity the bound is about), and each nu_l from the analytic SampleW variance of the
+  recorded row scores against ``tau_w * V_sgd,l``.
 - Jumps to the solution at the first calibration, then moves s within a trust region that grows
   while moves agree and shrinks when they flip, and doubles the calibration interval while the
   solution is stable.
@@ -110,7 +110,7 @@ class AdaptivePolicy:
             return Skip(f"the calibration step gave no usable SGD variance ({stats.samples} samples "
                         f"with finite gradients, var_sgd={total_sgd})")
         memory.remember(stats, step, WINDOW * every)
-        pool = memory.pool(config.smoothing, config.shortest_interval)
+        pool = memory.pool(config.smoothing)
         pooled_sgd = prediction.pooled_sgd_variances(pool)
         above = mechanism.above_positions
         previous_s, previous_nu = self.s, mechanism.ratios.weight_list
@@ -157,25 +157,17 @@ class AdaptiveState:
         self.history = [self.history[i] for i in recent] + [stats]
         self.steps = [self.steps[i] for i in recent] + [step]
 
-    def pool(self, decay: float, tick: int) -> list[tuple[float, CalibrationStats]]:
-        """The remembered calibrations, each weighted ``decay ** (age / tick)`` (newest: 1; age in
-        training steps) over its own scale, the total squared norm of its per-sample
-        contributions.
-
-        The weight decays with the steps since the calibration, not with the number of newer
-        ones: calibrations come every ``tick`` steps early in training and ever more rarely
-        later, so a per-calibration decay would let the many early ones keep much of the weight
-        long after. Where the added variance at a given share grows during training (a causal LM
-        from scratch) the pool then lagged and the bound was exceeded.
+    def pool(self, decay: float) -> list[tuple[float, CalibrationStats]]:
+        """The remembered calibrations, each weighted ``decay ** age`` (newest: 1) over its own
+        scale, the total squared norm of its per-sample contributions.
 
         Gradients shrink by orders of magnitude as training goes on: unscaled pooled sums would
         let the oldest calibrations, the largest, decide the ratios long after the added variance
         they measured stopped being the current one. Scaled, the pooled V_act and V_sgd are both
         means of each calibration's own (V / scale); their ratio, which the bound is about, is
         then not biased the way a mean of per-calibration ratios would be by noisy V_sgd."""
-        newest = self.steps[-1]
-        return [(decay ** ((newest - step) / tick) / stats.energy(), stats)
-                for step, stats in zip(self.steps, self.history)]
+        newest = len(self.history) - 1
+        return [(decay ** (newest - age) / stats.energy(), stats) for age, stats in enumerate(self.history)]
 
     def move(self, s: float, target: float, smallest: float = 0.01, largest: float = 0.4) -> float:
         """Move s toward the solved target within a trust region that doubles while moves agree
