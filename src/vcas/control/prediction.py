@@ -103,7 +103,7 @@ def _stacked_moments(stacked: dict[int, torch.Tensor], above: Sequence[int | Non
             probs = capped_proportional_probs(scores.reshape(-1, n), ratios[block] * n).reshape(scores.shape)
             safe = probs.clamp(min=torch.finfo(probs.dtype).tiny)
             moments = torch.where(probs > 0, incoming.pow(2) / safe, 0.0).mean(1)
-            kept = torch.rand((draws, n), generator=generator, dtype=probs.dtype) < probs
+            kept = _stratified_uniforms(draws, n, generator, probs.dtype) < probs
             weights = torch.where(kept, incoming / safe, 0.0)
         memo[block] = (weights, moments)
         return memo[block]
@@ -114,6 +114,18 @@ def _stacked_moments(stacked: dict[int, torch.Tensor], above: Sequence[int | Non
         if moments is not None:
             results[block] = moments
     return results
+
+
+def _stratified_uniforms(draws: int, n: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """``(draws, n)`` uniform draws, stratified per sample: each sample's draws fall once into
+    each of the ``draws`` equal intervals of [0, 1), in a random order of their own (a Latin
+    hypercube). Each is uniform, so the moments stay unbiased, but the share of draws that keep
+    a sample is its probability to within 1 / draws instead of binomial noise. Near keep ratios
+    of 1, where a sampler drops a sample in a few draws out of 64, plain draws mis-estimated the
+    added variance below a nested sampler by 10-15 % on a small Llama."""
+    offsets = torch.rand((draws, n), generator=generator, dtype=dtype)
+    strata = torch.argsort(torch.rand((draws, n), generator=generator), dim=0)
+    return (strata.to(dtype) + offsets) / draws
 
 
 def act_variances(stats: CalibrationStats, above: Sequence[int | None],
