@@ -23,25 +23,19 @@ from __future__ import annotations
 import sys
 
 import torch
+from variance_estimates import recorded_calibration, trained_run
 
 from vcas.control import prediction
 from vcas.control.mechanism import scalar_loss
-from vcas.runtime.mode import CALIBRATION
-from vcas_lab.tasks import builtin_task
-from vcas_lab.train import Run, RunSettings, endless_batches
+from vcas_lab.train import endless_batches
 
 BATCHES, DRAWS = 12, 8
 
 
 def main(task_name: str = "bbc-lm", at_step: int = 50, steps: int = 100) -> None:
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    task = builtin_task(task_name)
-    settings = RunSettings(steps=steps, batch_size=task.batch_size, lr=task.lr, seed=0,
-                           variance_checks=0, flop_checks=False, evaluations=1)
-    run = Run(task, "vcas", settings)
-    for step in range(1, at_step + 1):
-        run.step(step)
+    run = trained_run(task_name, at_step, steps)
+    task = run.task
     ctl = run.controller
     mech = ctl.mechanism
     params = mech.measured
@@ -67,12 +61,7 @@ def main(task_name: str = "bbc-lm", at_step: int = 50, steps: int = 100) -> None
 
     def predicted(batch) -> tuple[float, float]:
         """The controller's V_sgd and predicted V_act at the ratios in force, from one recording pass."""
-        mech.stop_recording()
-        mech.start_recording()
-        with mech.isolated(phase=CALIBRATION):
-            mech.exact_pass(scalar_loss(run.mean_loss, batch))
-        stats = mech.take_stats()
-        mech.stop_recording()
+        stats = recorded_calibration(run, batch)
         return (sum(stats.sgd_variances().values()),
                 sum(prediction.act_variances(stats, mech.above_positions, act).values()))
 

@@ -21,19 +21,40 @@ import torch
 
 from vcas.control import prediction
 from vcas.control.mechanism import scalar_loss
+from vcas.control.statistics import CalibrationStats
 from vcas.runtime.mode import CALIBRATION
 from vcas_lab.tasks import builtin_task
 from vcas_lab.train import Run, RunSettings, endless_batches
 
 
-def main(task_name: str = "bbc-lm", train_steps: int = 30) -> None:
+def trained_run(task_name: str, train_steps: int, steps: int) -> Run:
+    """VCAS with the defaults trained for ``train_steps`` steps of a ``steps``-step run (its
+    learning-rate schedule), seed 0, no checks."""
     torch.manual_seed(0)
     task = builtin_task(task_name)
-    settings = RunSettings(steps=10 * train_steps, batch_size=task.batch_size, lr=task.lr, seed=0,
+    settings = RunSettings(steps=steps, batch_size=task.batch_size, lr=task.lr, seed=0,
                            variance_checks=0, flop_checks=False, evaluations=1)
     run = Run(task, "vcas", settings)
     for step in range(1, train_steps + 1):
         run.step(step)
+    return run
+
+
+def recorded_calibration(run: Run, batch) -> CalibrationStats:
+    """What a calibration step of ``run``'s controller records on ``batch`` (one exact pass)."""
+    mech = run.controller.mechanism
+    mech.stop_recording()
+    mech.start_recording()
+    with mech.isolated(phase=CALIBRATION):
+        mech.exact_pass(scalar_loss(run.mean_loss, batch))
+    stats = mech.take_stats()
+    mech.stop_recording()
+    return stats
+
+
+def main(task_name: str = "bbc-lm", train_steps: int = 30) -> None:
+    run = trained_run(task_name, train_steps, 10 * train_steps)
+    task = run.task
     ctl = run.controller
     mech = ctl.mechanism
     params = mech.measured
@@ -72,12 +93,7 @@ def main(task_name: str = "bbc-lm", train_steps: int = 30) -> None:
         return result
 
     def predicted(batch):
-        mech.stop_recording()
-        mech.start_recording()
-        with mech.isolated(phase=CALIBRATION):
-            mech.exact_pass(scalar_loss(run.mean_loss, batch))
-        stats = mech.take_stats()
-        mech.stop_recording()
+        stats = recorded_calibration(run, batch)
         return stats.sgd_variances(), prediction.act_variances(stats, mech.above_positions, act)
 
     # Batches of the training set in the order the run's variance checks would take them.
