@@ -69,22 +69,24 @@ def test_same_gradients_as_the_full_sampled_backward_with_dropout():
         (f.forward, f.backward_exact, f.backward_done))
 
 
+@pytest.mark.parametrize("p", [0.3, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_recorded_dropout_is_f_dropout_bit_for_bit_and_replays_on_a_subset(dtype):
+def test_recorded_dropout_is_f_dropout_bit_for_bit_and_replays_on_a_subset(dtype, p):
     """The compact forward's dropout draws the numbers and computes the values of F.dropout (a
-    lockstep run against exact training sees the same activations), and the replay on the
-    kept samples applies the same mask to them."""
+    lockstep run against exact training sees the same activations and random state after), and
+    the replay on the kept samples applies the same mask to them."""
     from vcas.ops.recompute import _dropout_with_mask, _replay_dropout
 
-    x = torch.randn(6, 5, 7).to(dtype)
+    x = torch.randn(6, 5, 7).to(dtype).transpose(1, 2)  # non-contiguous, as attention scores can be
     torch.manual_seed(11)
-    expected = F.dropout(x, 0.3, training=True)
+    expected = F.dropout(x, p, training=True)
+    after_expected = torch.rand(3)
     torch.manual_seed(11)
-    output, mask = _dropout_with_mask(x, 0.3)
+    output, mask = _dropout_with_mask(x, p)
+    assert torch.equal(torch.rand(3), after_expected)  # the same draws consumed
     assert torch.equal(output, expected)
     kept = torch.tensor([0, 3, 4])
-    assert torch.equal(_replay_dropout(x[kept], mask[kept], 0.3), expected[kept])
-    assert torch.equal(_dropout_with_mask(x, 1.0)[0], torch.zeros_like(x))
+    assert torch.equal(_replay_dropout(x[kept], mask[kept], p), expected[kept])
 
 
 def test_hf_bert_with_dropout_and_attention_mask():

@@ -198,10 +198,14 @@ def _dropout_with_mask(input: torch.Tensor, p: float) -> tuple[torch.Tensor, tor
 
     On a CPU the mask is the noise scaled by 1 / (1 - p) in the input's dtype: the draws and the
     arithmetic of PyTorch's CPU dropout, whose noise the exact backward keeps as well. PyTorch's
-    fused kernel (``native_dropout``) would also return a boolean mask, but on a CPU it makes it
-    by converting the float noise, a copy that cost more than a fifth of a MiniLM forward.
-    Elsewhere the fused kernel is what ``F.dropout`` runs, and its boolean mask is free."""
-    if input.device.type == "cpu" and p < 1:
+    fused kernel (``native_dropout``) returns a boolean mask, but on a CPU it makes it by
+    converting the float noise, and its replay converts it back: replaying the float noise
+    costs about half as much (``benchmarks/dropout_replay.py``). At p = 1 ``F.dropout`` draws
+    nothing, and neither does this. Elsewhere the fused kernel is what ``F.dropout`` runs, and
+    its boolean mask is free."""
+    if p == 1:
+        return input * input.new_zeros(()), torch.zeros_like(input, dtype=torch.bool)
+    if input.device.type == "cpu":
         noise = torch.empty_like(input).bernoulli_(1 - p).div_(1 - p)
         return input * noise, noise
     return torch.native_dropout(input, p, True)
