@@ -503,6 +503,7 @@ def _forward_flops(scratch: FlopTally) -> float:
     phase), which the caller then counts as its own."""
     return scratch.train.forward + scratch.calibration.forward
 
+
 def _count_rerun(block: CompactBlock, rerun: FlopBucket, batch: int, kept: int, layer_flops: float) -> None:
     """Count a compact backward: the sampled layers' products as done on the kept samples, their
     exact references scaled to the whole batch, and the block's other work (attention products
