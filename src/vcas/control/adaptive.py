@@ -46,6 +46,9 @@ MEMORY = 16
 # ... and only those of the last WINDOW x update_every steps: early in training the gradients
 # (and V_sgd) are much larger, and a calibration from then would dominate the pooled sums.
 WINDOW = 8
+# A calibration that reads the ratios in force above SURPRISE x tau_act, on its own, means the
+# added variance moved since the pool was formed: the next calibration comes sooner.
+SURPRISE = 1.25
 
 
 class AdaptivePolicy:
@@ -114,7 +117,11 @@ class AdaptivePolicy:
         pooled_sgd = prediction.pooled_sgd_variances(pool)
         above = mechanism.above_positions
         previous_s, previous_nu = self.s, mechanism.ratios.weight_list
-        target = prediction.solve_share(pool, above, config.tau_act * sum(pooled_sgd.values()))
+        newest = [(1.0, stats)]
+        surprised = prediction.pooled_act_variance(newest, above, mechanism.ratios.act_list) > \
+            SURPRISE * config.tau_act * total_sgd
+        target = prediction.solve_share(pool, above, config.tau_act * sum(pooled_sgd.values()),
+                                        also=[(newest, config.tau_act * total_sgd)])
         self.s = target if len(memory.history) == 1 else memory.move(previous_s, target)
         act = share_schedule(prediction.pooled_block_norms(pool), self.s)
         budgets = {name: config.tau_w * pooled_sgd.get(name, 0.0) if mechanism.weight_sampled(name) else None
@@ -124,7 +131,8 @@ class AdaptivePolicy:
         weight = {name: nu if nu <= cap else 1.0 for name, nu in solved.items()}
         # Moves between ratios above the cap change nothing that runs.
         nu_moves = [abs(min(a, cap) - min(b, cap)) for a, b in zip(solved.values(), previous_nu)]
-        stable = abs(target - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves))
+        stable = abs(target - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves)) \
+            and not surprised
         memory.schedule_next(step, stable, config.shortest_interval, every)
         estimate = prediction.summary(stats, above, act, weight)
         pooled_act = prediction.pooled_act_variance(pool, above, act)

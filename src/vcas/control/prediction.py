@@ -215,16 +215,21 @@ def _weighted_excess(weight: float, excess: torch.Tensor | None, n: int) -> torc
     return weight * excess.double().flatten()
 
 
-def solve_share(pool: Pool, above: Sequence[int | None], budget: float,
-                iterations: int = 10) -> float:
-    """The smallest s in [0, 1] whose schedule's pooled predicted V_act is within ``budget``."""
+def solve_share(pool: Pool, above: Sequence[int | None], budget: float, iterations: int = 10, *,
+                also: Sequence[tuple[Pool, float]] = ()) -> float:
+    """The smallest s in [0, 1] whose schedule (from the pool's block norms) keeps the pool's
+    predicted V_act within ``budget`` and, for each ``(pool, budget)`` in ``also``, that pool's
+    within its budget. Each constraint only loosens as s grows, so bisection finds the smallest
+    s meeting them all."""
     norms = pooled_block_norms(pool)
     if not norms:
         return 1.0
-    pooled, schedule = _PooledExcess(pool), ShareSchedule(norms)
+    schedule = ShareSchedule(norms)
+    constraints = [(_PooledExcess(pool), budget)] + [(_PooledExcess(other), limit) for other, limit in also]
 
     def within(share: float) -> bool:
-        return pooled.variance(above, schedule(share)) <= budget
+        ratios = schedule(share)
+        return all(excess.variance(above, ratios) <= limit for excess, limit in constraints)
 
     if within(0.0):
         return 0.0
