@@ -376,6 +376,42 @@ def test_weight_ratios_above_max_weight_ratio_become_exact():
         vcas.VCASConfig(min_weight_ratio=0.2, max_weight_ratio=0.1)
 
 
+def test_a_calibration_reading_the_ratios_in_force_above_the_bound_calls_the_next_sooner():
+    ctl = _Synthetic()
+    for _ in range(6):
+        ctl.update(_synthetic_stats(0))
+    memory = ctl.policy.memory
+    assert memory.interval == 8
+    ctl.update(_synthetic_stats(0))  # the same reading: stable
+    assert memory.interval == 8
+    in_force, s = ctl.stats()["act_ratios"], ctl.stats()["s"]
+    moved = _synthetic_stats(1)  # another batch, reading the ratios in force far above tau
+    assert _ratio_at([moved], s) > 1.25 * TAU
+    assert prediction.pooled_act_variance([(1.0, moved)], ABOVE, in_force) > \
+        1.25 * TAU * sum(moved.sgd_variances().values())
+    ctl.update(moved)
+    assert memory.interval == 4 and ctl.stats()["s"] > s
+
+
+def test_the_solved_share_meets_the_pool_and_the_newest_calibration_both():
+    """The smallest s meeting both budgets (at the pool's schedule) is the larger of the
+    smallest s meeting each; a step below it breaks one of them."""
+    pool = [(0.8 ** (3 - age), _synthetic_stats(seed, noise=1.0)) for age, seed in enumerate(range(4))]
+    newest = [(1.0, pool[-1][1])]
+    pool_budget = TAU * sum(prediction.pooled_sgd_variances(pool).values())
+    newest_budget = TAU * sum(pool[-1][1].sgd_variances().values())
+    both = prediction.solve_share(pool, ABOVE, pool_budget, also=[(newest, newest_budget)])
+    pool_only = prediction.solve_share(pool, ABOVE, pool_budget)
+    newest_only = prediction.solve_share(pool, ABOVE, math.inf, also=[(newest, newest_budget)])
+    assert pool_only != newest_only and both == max(pool_only, newest_only)
+    schedule = lambda share: share_schedule(prediction.pooled_block_norms(pool), share)  # noqa: E731
+    assert prediction.pooled_act_variance(pool, ABOVE, schedule(both)) <= pool_budget
+    assert prediction.pooled_act_variance(newest, ABOVE, schedule(both)) <= newest_budget
+    below = schedule(both - 2 ** -10)
+    assert prediction.pooled_act_variance(pool, ABOVE, below) > pool_budget or \
+        prediction.pooled_act_variance(newest, ABOVE, below) > newest_budget
+
+
 def test_calibration_interval_grows_while_stable_and_state_round_trips():
     ctl = _Synthetic()
     stats = _synthetic_stats(0)
