@@ -404,7 +404,7 @@ def test_the_solved_share_meets_the_pool_and_the_newest_calibration_both():
     pool_only = prediction.solve_share(pool, ABOVE, pool_budget)
     newest_only = prediction.solve_share(pool, ABOVE, math.inf, also=[(newest, newest_budget)])
     assert pool_only != newest_only and both == max(pool_only, newest_only)
-    schedule = lambda share: share_schedule(prediction.pooled_block_norms(pool), share)  # noqa: E731
+    schedule = lambda share: share_schedule(prediction.pooled_block_norms(pool), share)
     assert prediction.pooled_act_variance(pool, ABOVE, schedule(both)) <= pool_budget
     assert prediction.pooled_act_variance(newest, ABOVE, schedule(both)) <= newest_budget
     below = schedule(both - 2 ** -10)
