@@ -66,7 +66,8 @@ def _compare(tmp_path, *extra):
     (["--lr", "0"], "--lr"), (["--seeds", "a,b"], "--seeds"), (["--seeds", "1,1"], "distinct"),
     (["--baseline-keep", "2"], "--baseline-keep"), (["--variance-checks", "-1"], "--variance-checks"),
     (["--min-weight-numel", "-1"], "min_weight_numel"), (["--tau-act", "0"], "tau_act"),
-    (["--device", "tpu"], "--device"), (["--steps", "3", "--epochs", "1"], "not both")])
+    (["--device", "tpu"], "--device"), (["--steps", "3", "--epochs", "1"], "not both"),
+    (["--check-max-pairs", "1"], "at least 2 pairs")])
 def test_bad_input_is_refused_on_stderr_before_anything_runs(tmp_path, capsys, arguments, message):
     assert _compare(tmp_path, *arguments) == 2
     captured = capsys.readouterr()

@@ -59,3 +59,12 @@ def test_measured_variance_stays_within_the_bound(controller):
         assert all(r - 2 * e <= 2 * TAU for r, e in zip(ratios, errors)), (kind, checks)
         mean_error = sum(e * e for e in errors) ** 0.5 / len(errors)
         assert sum(ratios) / len(ratios) - 2 * mean_error <= 1.25 * TAU, (kind, checks)
+
+
+def test_a_check_refuses_a_pair_limit_below_its_minimum_before_it_runs():
+    model = TinyTransformer(vocab=48, dim=32, depth=2)
+    ctl = vcas.attach(model, vcas.VCASConfig(seed=0))
+    batches = iter([_batch(i) for i in range(4)])
+    with pytest.raises(ValueError, match="max_pairs=2 is below min_pairs=8"):
+        ctl.check_variance(lambda batch: F.cross_entropy(model(batch[0]), batch[1]), batches, max_pairs=2)
+    assert len(list(batches)) == 4  # nothing consumed

@@ -159,6 +159,9 @@ def validate(args: argparse.Namespace) -> CompareOptions:
     for name in ("epochs", "lr"):
         _positive(args, name, float)
     _positive(args, "variance_checks", allow_zero=True)
+    if args.check_max_pairs is not None and args.check_max_pairs < 2:
+        raise tasks.TaskError(f"--check-max-pairs {args.check_max_pairs}: a check needs at least 2 pairs "
+                              "of batches (the default 24)")
     if not 0 < args.baseline_keep <= 1:
         raise tasks.TaskError(f"--baseline-keep {args.baseline_keep}: it must be in (0, 1]")
     if not 0 < args.check_target <= 1:

@@ -15,11 +15,14 @@ that jumps by orders of magnitude, so short runs stay near exact training. This 
   (:mod:`vcas.control.prediction`).
 - Solves for the smallest s whose predicted V_act stays within ``tau_act * V_sgd``, both pooled
   over the last few calibrations with geometrically decaying weights (ratio of pooled sums, the
-  quantity the bound is about), and each nu_l from the analytic SampleW variance of the
-  recorded row scores against ``tau_w * V_sgd,l``.
+  quantity the bound is about) and for the newest calibration alone (a pool lags behind an
+  added variance that grows during training; one calibration's V_sgd is noisy, so the larger
+  of the two solutions errs on the careful side), and each nu_l from the analytic SampleW
+  variance of the recorded row scores against ``tau_w * V_sgd,l``.
 - Jumps to the solution at the first calibration, then moves s within a trust region that grows
-  while moves agree and shrinks when they flip, and doubles the calibration interval while the
-  solution is stable.
+  while moves agree and shrinks when they flip. The calibration interval doubles while the
+  solution is stable, and halves when it moves or when the newest calibration alone reads the
+  ratios in force above ``SURPRISE * tau_act``.
 
 Assumption: samples are independent in the backward (no BatchNorm in training mode between a
 sampler and the layers below it); the per-sample estimates are then unbiased.
@@ -118,8 +121,7 @@ class AdaptivePolicy:
         above = mechanism.above_positions
         previous_s, previous_nu = self.s, mechanism.ratios.weight_list
         newest = [(1.0, stats)]
-        surprised = prediction.pooled_act_variance(newest, above, mechanism.ratios.act_list) > \
-            SURPRISE * config.tau_act * total_sgd
+        surprised = self._surprised(newest, total_sgd, mechanism)
         target = prediction.solve_share(pool, above, config.tau_act * sum(pooled_sgd.values()),
                                         also=[(newest, config.tau_act * total_sgd)])
         self.s = target if len(memory.history) == 1 else memory.move(previous_s, target)
@@ -138,6 +140,12 @@ class AdaptivePolicy:
         pooled_act = prediction.pooled_act_variance(pool, above, act)
         bound = pooled_act / sum(pooled_sgd.values())
         return Decision(self.s, act, weight, estimate, bound)
+
+    def _surprised(self, newest: prediction.Pool, total_sgd: float, mechanism: Mechanism) -> bool:
+        """Whether the newest calibration alone reads the ratios in force (those of the last
+        decision) above ``SURPRISE * tau_act``: the added variance moved since they were chosen."""
+        in_force = prediction.pooled_act_variance(newest, mechanism.above_positions, mechanism.ratios.act_list)
+        return in_force > SURPRISE * self.config.tau_act * total_sgd
 
     def state_dict(self) -> dict[str, Any]:
         return {"s": self.s, **self.memory.state_dict()}
