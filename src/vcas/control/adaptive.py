@@ -126,9 +126,7 @@ class AdaptivePolicy:
                                         also=[(newest, config.tau_act * total_sgd)])
         self.s = target if len(memory.history) == 1 else memory.move(previous_s, target)
         act = share_schedule(prediction.pooled_block_norms(pool), self.s)
-        budgets = {name: config.tau_w * pooled_sgd.get(name, 0.0) if mechanism.weight_sampled(name) else None
-                   for name in mechanism.linear_names}
-        solved = prediction.solve_weight_ratios(pool, budgets, config.min_weight_ratio)
+        solved = self._weight_ratios(pool, pooled_sgd, newest, var_sgd, mechanism)
         cap = config.max_weight_ratio
         weight = {name: nu if nu <= cap else 1.0 for name, nu in solved.items()}
         # Moves between ratios above the cap change nothing that runs.
@@ -140,6 +138,18 @@ class AdaptivePolicy:
         pooled_act = prediction.pooled_act_variance(pool, above, act)
         bound = pooled_act / sum(pooled_sgd.values())
         return Decision(self.s, act, weight, estimate, bound)
+
+    def _weight_ratios(self, pool: prediction.Pool, pooled_sgd: dict[str, float], newest: prediction.Pool,
+                       newest_sgd: dict[str, float], mechanism: Mechanism) -> dict[str, float]:
+        """Each nu_l: the larger of the smallest ratios that keep the pool's and the newest
+        calibration's own V_w within ``tau_w`` of their V_sgd of the layer."""
+        def solve(part: prediction.Pool, sgd: dict[str, float]) -> dict[str, float]:
+            budgets = {name: self.config.tau_w * sgd.get(name, 0.0) if mechanism.weight_sampled(name) else None
+                       for name in mechanism.linear_names}
+            return prediction.solve_weight_ratios(part, budgets, self.config.min_weight_ratio)
+
+        pooled, own = solve(pool, pooled_sgd), solve(newest, newest_sgd)
+        return {name: max(nu, own[name]) for name, nu in pooled.items()}
 
     def _surprised(self, newest: prediction.Pool, total_sgd: float, mechanism: Mechanism) -> bool:
         """Whether the newest calibration alone reads the ratios in force (those of the last
