@@ -588,7 +588,7 @@ def test_pooled_act_variance_equals_the_weighted_sum_of_the_per_layer_prediction
 
 def test_auto_picks_adaptive_where_its_assumptions_hold_and_paper_elsewhere():
     ctl = vcas.attach(TinyTransformer(depth=2), vcas.VCASConfig(seed=0))
-    assert (ctl.config.controller, ctl.config.update_every) == ("adaptive", 20)
+    assert (ctl.config.controller, ctl.config.update_every) == ("adaptive", 10)
     assert ctl.calibrating  # the first training step calibrates
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # BatchNorm in training mode: paper, without a warning
@@ -613,7 +613,7 @@ def test_update_every_defaults_per_controller_and_validates():
     config = vcas.VCASConfig()
     assert (config.controller, config.update_every) == ("auto", None)
     assert config.resolve("paper").update_every == 100
-    assert config.resolve("adaptive").update_every == 20
+    assert config.resolve("adaptive").update_every == 10
     assert vcas.VCASConfig(update_every=5).resolve("adaptive").update_every == 5
     with pytest.raises(vcas.ConfigError, match="min_update_every"):
         vcas.VCASConfig(min_update_every=30).resolve("adaptive")
@@ -622,7 +622,7 @@ def test_update_every_defaults_per_controller_and_validates():
 def test_a_config_error_at_attach_leaves_the_model_untouched():
     model = TinyTransformer(depth=2)
     with pytest.raises(vcas.ConfigError, match="min_update_every"):
-        vcas.attach(model, vcas.VCASConfig(min_update_every=30))  # auto -> adaptive, F = 20
+        vcas.attach(model, vcas.VCASConfig(min_update_every=30))  # auto -> adaptive, F = 10
     assert not any(m._forward_hooks for m in model.modules())
     vcas.attach(model).detach()  # and it attaches again
 

@@ -17,8 +17,9 @@ that jumps by orders of magnitude, so short runs stay near exact training. This 
   over the last few calibrations with geometrically decaying weights (ratio of pooled sums, the
   quantity the bound is about) and for the newest calibration alone (a pool lags behind an
   added variance that grows during training; one calibration's V_sgd is noisy, so the larger
-  of the two solutions errs on the careful side), and each nu_l from the analytic SampleW
-  variance of the recorded row scores against ``tau_w * V_sgd,l``.
+  of the two solutions errs on the careful side), and each nu_l, for the pool and the newest
+  alike, from the analytic SampleW variance of the recorded row scores against
+  ``tau_w * V_sgd,l``.
 - Jumps to the solution at the first calibration, then moves s within a trust region that grows
   while moves agree and shrinks when they flip. The calibration interval doubles while the
   solution is stable, and halves when it moves or when the newest calibration alone reads the
