@@ -123,8 +123,9 @@ class AdaptivePolicy:
         previous_s, previous_nu = self.s, mechanism.ratios.weight_list
         newest = [(1.0, stats)]
         surprised = self._surprised(newest, total_sgd, mechanism)
-        target = prediction.solve_share(pool, above, config.tau_act * sum(pooled_sgd.values()),
-                                        also=[(newest, config.tau_act * total_sgd)])
+        # With one calibration remembered the pool is the newest: its constraint would repeat.
+        also = [(newest, config.tau_act * total_sgd)] if len(pool) > 1 else []
+        target = prediction.solve_share(pool, above, config.tau_act * sum(pooled_sgd.values()), also=also)
         self.s = target if len(memory.history) == 1 else memory.move(previous_s, target)
         act = share_schedule(prediction.pooled_block_norms(pool), self.s)
         solved = self._weight_ratios(pool, pooled_sgd, newest, var_sgd, mechanism)
@@ -149,7 +150,10 @@ class AdaptivePolicy:
                        for name in mechanism.linear_names}
             return prediction.solve_weight_ratios(part, budgets, self.config.min_weight_ratio)
 
-        pooled, own = solve(pool, pooled_sgd), solve(newest, newest_sgd)
+        pooled = solve(pool, pooled_sgd)
+        if len(pool) == 1:  # the pool is the newest calibration
+            return pooled
+        own = solve(newest, newest_sgd)
         return {name: max(nu, own[name]) for name, nu in pooled.items()}
 
     def _surprised(self, newest: prediction.Pool, total_sgd: float, mechanism: Mechanism) -> bool:
