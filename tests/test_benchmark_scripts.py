@@ -28,6 +28,12 @@ def test_paired_steps_prints_each_variant():
     assert re.search(r"1,0.2 +median step +[\d.]+ ms, median ratio to exact [\d.]+", printed)
 
 
+@needs_mnist
+def test_controller_cost_times_the_decisions():
+    printed = _run("controller_cost.py", "mnist-vit", "4")
+    assert re.search(r"mnist-vit, 4 steps: [1-9]\d* decisions, median [\d.]+ ms, total [\d.]+ s, final s [\d.]+", printed)
+
+
 def test_conversion_reads_a_report_and_computes_the_share_that_reached_the_clock(tmp_path):
     def run(method, seed, seconds_ratio, saved, loss):
         return {"method": method, "seed": seed, "time_ratio": seconds_ratio, "final_train_loss": loss,

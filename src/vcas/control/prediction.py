@@ -16,7 +16,7 @@ sampler and the layers below it); the per-sample estimates are then unbiased.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -71,7 +71,7 @@ def _simulate(passes: Sequence[dict[int, torch.Tensor]], above: Sequence[int | N
               draws: int = SIMULATION_DRAWS) -> list[dict[int, torch.Tensor]]:
     """:func:`second_moments` of passes with the same blocks and sizes, stacked along a first
     dimension; every pass sees the same uniform draws (one ``(draws, n)`` tensor per block)."""
-    moments = _stacked_moments(_stack_norms(passes), above, ratios, generator, draws)
+    moments = _stacked_moments(_stack_norms(passes), above, ratios, _drawing_from(generator), draws)
     return [{block: m[index] for block, m in moments.items()} for index in range(len(passes))]
 
 
@@ -80,8 +80,16 @@ def _stack_norms(passes: Sequence[dict[int, torch.Tensor]]) -> dict[int, torch.T
     return {block: torch.stack([p[block].double().flatten() for p in passes]) for block in passes[0]}
 
 
+# ``uniforms(draws, n, dtype)``: the next ``(draws, n)`` uniform draws of a simulation.
+Uniforms = Callable[[int, int, torch.dtype], torch.Tensor]
+
+
+def _drawing_from(generator: torch.Generator) -> Uniforms:
+    return lambda draws, n, dtype: _stratified_uniforms(draws, n, generator, dtype)
+
+
 def _stacked_moments(stacked: dict[int, torch.Tensor], above: Sequence[int | None],
-                     ratios: Sequence[float], generator: torch.Generator,
+                     ratios: Sequence[float], uniforms: Uniforms,
                      draws: int = SIMULATION_DRAWS) -> dict[int, torch.Tensor]:
     """Per block, ``E[w_i^2]`` of the stacked passes' samples, ``(passes, n)``; blocks whose
     gradient no sampler (their own or one above) has touched are left out."""
@@ -103,7 +111,7 @@ def _stacked_moments(stacked: dict[int, torch.Tensor], above: Sequence[int | Non
             probs = capped_proportional_probs(scores.reshape(-1, n), ratios[block] * n).reshape(scores.shape)
             safe = probs.clamp(min=torch.finfo(probs.dtype).tiny)
             moments = torch.where(probs > 0, incoming.pow(2) / safe, 0.0).mean(1)
-            kept = _stratified_uniforms(draws, n, generator, probs.dtype) < probs
+            kept = uniforms(draws, n, probs.dtype) < probs
             weights = torch.where(kept, incoming / safe, 0.0)
         memo[block] = (weights, moments)
         return memo[block]
@@ -161,6 +169,36 @@ def _fixed_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+class _CommonDraws:
+    """The fixed generator's draws, kept across evaluations: a bisection evaluates the same
+    passes a dozen times, each from a fresh :func:`_fixed_generator`, and which blocks draw
+    (those that sample at the evaluated ratios) decides which draws each block gets. So the
+    draws are kept by the shapes drawn before them in an evaluation, with the generator's state
+    after them; an evaluation gets exactly the draws a fresh generator would give, without
+    drawing (or sorting, for the strata) again."""
+
+    def __init__(self) -> None:
+        self.kept: dict[tuple[tuple[int, int, torch.dtype], ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stream(self) -> Uniforms:
+        """The draws of one fresh generator, in order."""
+        drawn: tuple[tuple[int, int, torch.dtype], ...] = ()
+
+        def uniforms(draws: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+            nonlocal drawn
+            key = drawn + ((draws, n, dtype),)
+            if key not in self.kept:
+                generator = _fixed_generator()
+                if drawn:
+                    generator.set_state(self.kept[drawn][1])
+                values = _stratified_uniforms(draws, n, generator, dtype)
+                self.kept[key] = (values, generator.get_state())
+            drawn = key
+            return self.kept[key][0]
+
+        return uniforms
+
+
 Pool = Sequence[tuple[float, CalibrationStats]]
 
 
@@ -197,11 +235,12 @@ class _PooledExcess:
                                           for weight, _, sums in group])
                       for block, stacked in norms.items()}
             self.groups.append((norms, excess))
+        self.draws = _CommonDraws()
 
     def variance(self, above: Sequence[int | None], ratios: Sequence[float]) -> float:
         total = 0.0
         for norms, excess in self.groups:
-            moments = _stacked_moments(norms, above, ratios, _fixed_generator())
+            moments = _stacked_moments(norms, above, ratios, self.draws.stream())
             for block, moment in moments.items():
                 total += float((_added_variance_factor(moment) * excess[block]).sum())
         return total
