@@ -449,6 +449,36 @@ def _loop(model, ctl, steps, n=16):
     return ran
 
 
+def test_a_calibration_step_samples_weight_gradients_and_records_what_an_exact_backward_records():
+    """Activation gradients propagate exactly on a calibration step (the block norms need them);
+    weight gradients are sampled at the ratios in force, as on any step, and change nothing
+    that is recorded: the records equal those of the same step with every weight ratio at 1.
+    The negative control: the gradients themselves differ, so sampling did run."""
+    torch.manual_seed(0)
+    model = TinyTransformer(depth=2)
+    ctl = vcas.attach(model, vcas.VCASConfig(controller="adaptive", seed=0, min_weight_numel=0, gather_below=1.0))
+    inputs, labels = token_batch(n=16, seed=0)
+    sketches = ctl.mechanism.sketch_state()
+    runs = {}
+    for weight in (0.3, 1.0):
+        ctl.set_ratios(act=1.0, weight=weight)
+        ctl.mechanism.load_sketch_state(sketches, 0)
+        torch.manual_seed(1)
+        runs[weight] = _record_one_step(model, ctl, F.cross_entropy(model(inputs), labels))
+    (sampled, sampled_grads), (exact, exact_grads) = runs[0.3], runs[1.0]
+    assert sampled.sgd_variances() == pytest.approx(exact.sgd_variances(), rel=1e-6)
+    assert sampled.row_scores.keys() == exact.row_scores.keys() and sampled.row_scores
+    for name, scores in exact.row_scores.items():
+        torch.testing.assert_close(torch.cat(sampled.row_scores[name]), torch.cat(scores))
+    for ours, theirs in zip(sampled.block_norms(), exact.block_norms()):
+        for a, b in zip(ours, theirs):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    weight_grads = [name for name, p in ctl.measured_parameters.items() if p.dim() == 2]
+    differing = [not torch.allclose(a, b) for name, a, b in
+                 zip(ctl.measured_parameters, sampled_grads, exact_grads) if name in weight_grads]
+    assert differing and all(differing)
+
+
 def test_the_first_training_step_calibrates_with_an_exact_backward():
     torch.manual_seed(0)
     model = TinyTransformer(depth=3)

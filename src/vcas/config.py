@@ -35,9 +35,9 @@ class VCASConfig:
             (0 = apply the candidate schedule directly; the paper mentions 0.6 as an option).
         seed: seed of the controller's own sampling generator. ``None`` derives it from
             ``torch.initial_seed()`` so that the user's seed fixes it and no RNG draw is consumed.
-        controller: ``"adaptive"`` (calibrates on training steps whose backward runs exactly and
-            records per-sample statistics, then solves for the operating point; see
-            :mod:`vcas.adaptive`), ``"paper"`` (the paper's rules, for reproducing it), or
+        controller: ``"adaptive"`` (calibrates on training steps whose activation gradients propagate
+            exactly and records per-sample statistics, then solves for the operating point; see
+            :mod:`vcas.control.adaptive`), ``"paper"`` (the paper's rules, for reproducing it), or
             ``"auto"`` (the default): ``"adaptive"`` unless the model breaks its assumptions, that
             is, it has no sampled linear or convolution with a trainable weight, or BatchNorm in
             training mode mixes the samples of a batch; ``"paper"`` there. ``attach`` resolves

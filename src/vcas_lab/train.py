@@ -106,7 +106,7 @@ class StepLog:
     s: float | None = None
     act_ratio: float | None = None  # mean over blocks
     weight_ratio: float | None = None  # mean over sampled linears
-    calibrating: bool = False  # the step was an adaptive calibration step (exact, recorded)
+    calibrating: bool = False  # the step was an adaptive calibration step (recorded)
     phases: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase
 
 

@@ -4,11 +4,12 @@ The paper's controller spends 2 extra forwards and 6 extra backwards per update 
 batches, moves s by a fixed 0.01, and decides the direction from a two-batch variance estimate
 that jumps by orders of magnitude, so short runs stay near exact training. This controller:
 
-- Calibrates on the training step itself. A calibration step runs its backward exactly (its
-  gradient trains the model) and the sampled layers record each sample's contribution ``c_i``
-  to the weight gradient through a random sketch drawn for the calibration (unbiased for the
-  whole layer; :mod:`vcas.ops.records`); the block samplers record the per-sample gradient
-  norms. No extra forward or backward.
+- Calibrates on the training step itself. A calibration step propagates activation gradients
+  exactly (its gradient trains the model; weight gradients are sampled at the ratios in force,
+  as on any step) and the sampled layers record each sample's contribution ``c_i`` to the
+  weight gradient through a random sketch drawn for the calibration (unbiased for the whole
+  layer; :mod:`vcas.ops.records`); the block samplers record the per-sample gradient norms.
+  No extra forward or backward.
 - Estimates the SGD variance within the batch, from the spread of the ``c_i`` (``N - 1`` degrees
   of freedom instead of the ``M - 1 = 1`` of two batch gradients).
 - Predicts the variance sampling would add at any keep ratios without sampling
@@ -96,7 +97,7 @@ class AdaptivePolicy:
         mechanism.stop_recording()
         mechanism.start_recording()
         try:
-            with mechanism.isolated(phase=CALIBRATION):
+            with mechanism.isolated(phase=CALIBRATION, sample_weights=False):
                 for batch in batches:
                     mechanism.exact_pass(scalar_loss(source.loss_fn, batch))
             stats = mechanism.take_stats()

@@ -335,8 +335,9 @@ class Controller:
 
     @property
     def calibrating(self) -> bool:
-        """True while the coming training steps are an adaptive calibration step: their backward
-        runs exactly and records per-sample statistics (until the next optimizer step)."""
+        """True while the coming training steps are an adaptive calibration step: their
+        activation gradients propagate exactly and they record per-sample statistics (until the
+        next optimizer step)."""
         return self.mechanism.recording
 
     @property

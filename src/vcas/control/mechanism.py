@@ -92,7 +92,8 @@ class Mechanism:
     # ------------------------------------------------------------------ adaptive calibration steps
     @property
     def recording(self) -> bool:
-        """Whether the coming training steps are calibration steps (exact and recorded)."""
+        """Whether the coming training steps are calibration steps (exact activation gradients,
+        recorded)."""
         return self.runtime.base_mode == RECORDING_STEP
 
     def start_recording(self) -> None:

@@ -56,9 +56,10 @@ SAMPLING = Mode()
 EXACT = Mode(sample_acts=False, sample_weights=False)
 """An exact backward through the installed ops (zero rows are still skipped)."""
 
-RECORDING_STEP = Mode(sample_acts=False, sample_weights=False, record_samples=True,
-                      record_row_scores=True)
-"""An adaptive calibration step: an exact backward that records what the update needs."""
+RECORDING_STEP = Mode(sample_acts=False, record_samples=True, record_row_scores=True)
+"""An adaptive calibration step: activation gradients propagate exactly (the block samplers'
+per-sample norms need them) and the update's records come from them; weight gradients are
+sampled at the ratios in force, as on any training step (the records do not use them)."""
 
 PAUSED = Mode(enabled=False)
 """Plain PyTorch: ``Controller.paused()`` and detached controllers."""
