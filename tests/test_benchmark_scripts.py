@@ -31,7 +31,8 @@ def test_paired_steps_prints_each_variant():
 @needs_mnist
 def test_controller_cost_times_the_decisions():
     printed = _run("controller_cost.py", "mnist-vit", "4")
-    assert re.search(r"mnist-vit, 4 steps: [1-9]\d* decisions, median [\d.]+ ms, total [\d.]+ s, final s [\d.]+", printed)
+    pattern = r"mnist-vit, 4 steps: [1-9]\d* decisions, median [\d.]+ ms, total [\d.]+ s, final s [\d.]+"
+    assert re.search(pattern, printed)
 
 
 def test_conversion_reads_a_report_and_computes_the_share_that_reached_the_clock(tmp_path):
