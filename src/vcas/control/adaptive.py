@@ -124,12 +124,14 @@ class AdaptivePolicy:
         previous_s, previous_nu = self.s, mechanism.ratios.weight_list
         newest = [(1.0, stats)]
         surprised = self._surprised(newest, total_sgd, mechanism)
-        # With one calibration remembered the pool is the newest: its constraint would repeat.
-        also = [(newest, config.tau_act * total_sgd)] if len(pool) > 1 else []
+        # Every bound holds for the pool and for the newest calibration alone (with one
+        # calibration remembered the pool is the newest: its constraints would repeat).
+        parts = [(pool, pooled_sgd)] + ([(newest, var_sgd)] if len(pool) > 1 else [])
+        also = [(part, config.tau_act * sum(sgd.values())) for part, sgd in parts[1:]]
         target = prediction.solve_share(pool, above, config.tau_act * sum(pooled_sgd.values()), also=also)
         self.s = target if len(memory.history) == 1 else memory.move(previous_s, target)
         act = share_schedule(prediction.pooled_block_norms(pool), self.s)
-        solved = self._weight_ratios(pool, pooled_sgd, newest, var_sgd, mechanism)
+        solved = self._weight_ratios(parts, mechanism)
         cap = config.max_weight_ratio
         weight = {name: nu if nu <= cap else 1.0 for name, nu in solved.items()}
         # Moves between ratios above the cap change nothing that runs.
@@ -142,20 +144,16 @@ class AdaptivePolicy:
         bound = pooled_act / sum(pooled_sgd.values())
         return Decision(self.s, act, weight, estimate, bound)
 
-    def _weight_ratios(self, pool: prediction.Pool, pooled_sgd: dict[str, float], newest: prediction.Pool,
-                       newest_sgd: dict[str, float], mechanism: Mechanism) -> dict[str, float]:
-        """Each nu_l: the larger of the smallest ratios that keep the pool's and the newest
-        calibration's own V_w within ``tau_w`` of their V_sgd of the layer."""
-        def solve(part: prediction.Pool, sgd: dict[str, float]) -> dict[str, float]:
+    def _weight_ratios(self, parts: Sequence[tuple[prediction.Pool, dict[str, float]]],
+                       mechanism: Mechanism) -> dict[str, float]:
+        """Each nu_l: the largest over ``parts`` (pools with their V_sgd per layer) of the
+        smallest ratio that keeps the part's V_w within ``tau_w`` of its V_sgd of the layer."""
+        solved = []
+        for part, sgd in parts:
             budgets = {name: self.config.tau_w * sgd.get(name, 0.0) if mechanism.weight_sampled(name) else None
                        for name in mechanism.linear_names}
-            return prediction.solve_weight_ratios(part, budgets, self.config.min_weight_ratio)
-
-        pooled = solve(pool, pooled_sgd)
-        if len(pool) == 1:  # the pool is the newest calibration
-            return pooled
-        own = solve(newest, newest_sgd)
-        return {name: max(nu, own[name]) for name, nu in pooled.items()}
+            solved.append(prediction.solve_weight_ratios(part, budgets, self.config.min_weight_ratio))
+        return {name: max(ratios[name] for ratios in solved) for name in solved[0]}
 
     def _surprised(self, newest: prediction.Pool, total_sgd: float, mechanism: Mechanism) -> bool:
         """Whether the newest calibration alone reads the ratios in force (those of the last
