@@ -15,16 +15,15 @@ that jumps by orders of magnitude, so short runs stay near exact training. This 
 - Predicts the variance sampling would add at any keep ratios without sampling
   (:mod:`vcas.control.prediction`).
 - Solves for the smallest s whose predicted V_act stays within ``tau_act * V_sgd``, both pooled
-  over the last few calibrations with geometrically decaying weights (ratio of pooled sums, the
-  quantity the bound is about) and for the newest calibration alone (a pool lags behind an
-  added variance that grows during training; one calibration's V_sgd is noisy, so the larger
-  of the two solutions errs on the careful side), and each nu_l, for the pool and the newest
-  alike, from the analytic SampleW variance of the recorded row scores against
-  ``tau_w * V_sgd,l``.
+  over the last few calibrations (geometrically decaying weights over the trend of the gradients'
+  size; a ratio of pooled sums, the quantity the bound is about) and for the newest calibration
+  alone against the SGD variance the pool expects at its step (a pool lags behind an added
+  variance that grows during training), and each nu_l, for the pool and the newest alike, from
+  the analytic SampleW variance of the recorded row scores against ``tau_w * V_sgd,l``.
 - Jumps to the solution at the first calibration, then moves s within a trust region that grows
   while moves agree and shrinks when they flip. The calibration interval doubles while the
-  solution is stable, and halves when it moves or when the newest calibration alone reads the
-  ratios in force above ``SURPRISE * tau_act``.
+  solution is stable, halves when it rises (more must be kept) or when the newest calibration
+  alone reads the ratios in force above ``SURPRISE * tau_act``, and stays when it falls.
 
 Assumption: samples are independent in the backward (no BatchNorm in training mode between a
 sampler and the layers below it); the per-sample estimates are then unbiased.
@@ -35,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from statistics import median
 from typing import Any, ClassVar, cast
 
 from ..config import VCASConfig
@@ -54,6 +54,9 @@ WINDOW = 8
 # A calibration that reads the ratios in force above SURPRISE x tau_act, on its own, means the
 # added variance moved since the pool was formed: the next calibration comes sooner.
 SURPRISE = 1.25
+# In the pooled SGD variance, no calibration counts above SGD_CAP times the pool's median (both
+# over the trend of the gradients' size): see AdaptiveState.pooled_sgd_variances.
+SGD_CAP = 10.0
 
 
 class AdaptivePolicy:
@@ -114,19 +117,24 @@ class AdaptivePolicy:
         var_sgd = stats.sgd_variances()
         total_sgd = sum(var_sgd.values())
         if stats.samples < 2 or not all(math.isfinite(v) for v in var_sgd.values()) or total_sgd <= 0:
-            memory.schedule_next(step, False, config.shortest_interval, every)
+            memory.schedule_next(step, 0.5, config.shortest_interval, every)
             return Skip(f"the calibration step gave no usable SGD variance ({stats.samples} samples "
                         f"with finite gradients, var_sgd={total_sgd})")
         memory.remember(stats, step, WINDOW * every)
         pool = memory.pool(config.smoothing)
-        pooled_sgd = prediction.pooled_sgd_variances(pool)
+        pooled_sgd = memory.pooled_sgd_variances(pool)
         above = mechanism.above_positions
         previous_s, previous_nu = self.s, mechanism.ratios.weight_list
-        newest = [(1.0, stats)]
-        surprised = self._surprised(newest, total_sgd, mechanism)
+        # The newest calibration's added variance against the SGD variance the pool expects at
+        # its step (one batch's own V_sgd is too noisy to divide by): the pool lags behind an
+        # added variance that grows during training, the newest does not.
+        newest = pool[-1:]
+        newest_sgd = {name: v / sum(config.smoothing ** age for age in range(len(pool)))
+                      for name, v in pooled_sgd.items()}
+        surprised = self._surprised(newest, sum(newest_sgd.values()), mechanism)
         # Every bound holds for the pool and for the newest calibration alone (with one
         # calibration remembered the pool is the newest: its constraints would repeat).
-        parts = [(pool, pooled_sgd)] + ([(newest, var_sgd)] if len(pool) > 1 else [])
+        parts = [(pool, pooled_sgd)] + ([(newest, newest_sgd)] if len(pool) > 1 else [])
         also = [(part, config.tau_act * sum(sgd.values())) for part, sgd in parts[1:]]
         target = prediction.solve_share(pool, above, config.tau_act * sum(pooled_sgd.values()), also=also)
         self.s = target if len(memory.history) == 1 else memory.move(previous_s, target)
@@ -134,15 +142,27 @@ class AdaptivePolicy:
         solved = self._weight_ratios(parts, mechanism)
         cap = config.max_weight_ratio
         weight = {name: nu if nu <= cap else 1.0 for name, nu in solved.items()}
-        # Moves between ratios above the cap change nothing that runs.
-        nu_moves = [abs(min(a, cap) - min(b, cap)) for a, b in zip(solved.values(), previous_nu)]
-        stable = abs(target - previous_s) < 0.05 and sum(nu_moves) < 0.05 * max(1, len(nu_moves)) \
-            and not surprised
-        memory.schedule_next(step, stable, config.shortest_interval, every)
+        memory.schedule_next(step, self._interval_factor(target - previous_s, solved, previous_nu, surprised),
+                             config.shortest_interval, every)
         estimate = prediction.summary(stats, above, act, weight)
         pooled_act = prediction.pooled_act_variance(pool, above, act)
         bound = pooled_act / sum(pooled_sgd.values())
         return Decision(self.s, act, weight, estimate, bound)
+
+    def _interval_factor(self, s_move: float, solved: dict[str, float], previous_nu: Sequence[float],
+                         surprised: bool) -> float:
+        """How the calibration interval changes: halved when the ratios in force need more kept
+        (the newest calibration read them above the bound, or the solution rose), doubled while
+        the solution is stable, kept when it falls (sampling more can wait for the next one)."""
+        cap = self.config.max_weight_ratio
+        # Moves between ratios above the cap change nothing that runs.
+        nu_moves = [min(a, cap) - min(b, cap) for a, b in zip(solved.values(), previous_nu)]
+        tolerance = 0.05 * max(1, len(nu_moves))
+        if surprised or s_move >= 0.05 or sum(max(0.0, m) for m in nu_moves) >= tolerance:
+            return 0.5
+        if abs(s_move) < 0.05 and sum(abs(m) for m in nu_moves) < tolerance:
+            return 2.0
+        return 1.0
 
     def _weight_ratios(self, parts: Sequence[tuple[prediction.Pool, dict[str, float]]],
                        mechanism: Mechanism) -> dict[str, float]:
@@ -188,16 +208,49 @@ class AdaptiveState:
         self.steps = [self.steps[i] for i in recent] + [step]
 
     def pool(self, decay: float) -> list[tuple[float, CalibrationStats]]:
-        """The remembered calibrations, each weighted ``decay ** age`` (newest: 1) over its own
-        scale, the total squared norm of its per-sample contributions.
+        """The remembered calibrations, each weighted ``decay ** age`` (newest: 1) over the
+        scale of the gradients at its step: the trend of the calibrations' energies (total
+        squared norm of the per-sample contributions), see :meth:`trend`.
 
         Gradients shrink by orders of magnitude as training goes on: unscaled pooled sums would
         let the oldest calibrations, the largest, decide the ratios long after the added variance
-        they measured stopped being the current one. Scaled, the pooled V_act and V_sgd are both
-        means of each calibration's own (V / scale); their ratio, which the bound is about, is
-        then not biased the way a mean of per-calibration ratios would be by noisy V_sgd."""
+        they measured stopped being the current one. Dividing each by its own energy instead
+        would weigh an easy batch (tiny gradients, whose added variance is a large share of its
+        own) like a hard one: the pooled ratio would become a mean of per-batch ratios, which on
+        a fine-tuned classifier, where most batches are easy, reads far above the ratio of the
+        expected variances that the bound is about. Over the trend, pooled V_act / pooled V_sgd
+        is a ratio of weighted sums, each batch counting with its real size."""
+        trend = self.trend()
         newest = len(self.history) - 1
-        return [(decay ** (newest - age) / stats.energy(), stats) for age, stats in enumerate(self.history)]
+        return [(decay ** (newest - age) / scale, stats)
+                for age, (scale, stats) in enumerate(zip(trend, self.history))]
+
+    def pooled_sgd_variances(self, pool: prediction.Pool) -> dict[str, float]:
+        """Per layer, the pool's weighted SGD variances, each calibration's capped at ``SGD_CAP``
+        times the median over the pool (both over the trend).
+
+        Per-sample gradients of a fine-tuned classifier are heavy-tailed: the rare misfit
+        sample carries most of the expected SGD variance, and one batch's V_sgd spans four
+        orders of magnitude from batch to batch, while the variance sampling adds (from the
+        many small gradients) spans far less. Uncapped, the one batch in a pool that held such a
+        sample would set the ratios for the whole window, far looser than the ratios the other
+        batches allow; capped, the pool errs on the careful side of the expected V_sgd."""
+        sizes = [sum(stats.sgd_variances().values()) / scale for stats, scale in zip(self.history, self.trend())]
+        limit = SGD_CAP * median(sizes)
+        capped = [(weight * min(1.0, limit / size), stats) for (weight, stats), size in zip(pool, sizes)]
+        return prediction.pooled_sgd_variances(capped)
+
+    def trend(self) -> list[float]:
+        """The energy trend at each remembered calibration: a line through log energy over
+        training steps, fitted robustly (Theil-Sen: the median of the pairwise slopes, then the
+        median intercept), so that one batch's energy, far off by chance, hardly moves it."""
+        logs = [math.log(stats.energy()) for stats in self.history]
+        slopes = sorted((logs[j] - logs[i]) / (self.steps[j] - self.steps[i])
+                        for i in range(len(logs)) for j in range(i + 1, len(logs))
+                        if self.steps[j] != self.steps[i])
+        slope = median(slopes) if slopes else 0.0
+        intercept = median([y - slope * step for y, step in zip(logs, self.steps)])
+        return [math.exp(intercept + slope * step) for step in self.steps]
 
     def move(self, s: float, target: float, smallest: float = 0.01, largest: float = 0.4) -> float:
         """Move s toward the solved target within a trust region that doubles while moves agree
@@ -209,10 +262,9 @@ class AdaptiveState:
             self.direction = direction
         return min(1.0, max(0.0, s + max(-self.step, min(self.step, target - s))))
 
-    def schedule_next(self, step: int, stable: bool, shortest: int, longest: int) -> None:
-        """Double the interval while the solution is stable, halve it when it moves."""
-        grown = 2 * self.interval if stable else self.interval // 2
-        self.interval = min(longest, max(shortest, grown))
+    def schedule_next(self, step: int, factor: float, shortest: int, longest: int) -> None:
+        """Scale the calibration interval by ``factor`` within ``[shortest, longest]``."""
+        self.interval = min(longest, max(shortest, int(self.interval * factor)))
         self.next_step = step + self.interval
 
     def state_dict(self) -> dict[str, Any]:
