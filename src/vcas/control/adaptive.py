@@ -245,9 +245,8 @@ class AdaptiveState:
         training steps, fitted robustly (Theil-Sen: the median of the pairwise slopes, then the
         median intercept), so that one batch's energy, far off by chance, hardly moves it."""
         logs = [math.log(stats.energy()) for stats in self.history]
-        slopes = sorted((logs[j] - logs[i]) / (self.steps[j] - self.steps[i])
-                        for i in range(len(logs)) for j in range(i + 1, len(logs))
-                        if self.steps[j] != self.steps[i])
+        slopes = [(logs[j] - logs[i]) / (self.steps[j] - self.steps[i])
+                  for i in range(len(logs)) for j in range(i + 1, len(logs)) if self.steps[j] != self.steps[i]]
         slope = median(slopes) if slopes else 0.0
         intercept = median([y - slope * step for y, step in zip(logs, self.steps)])
         return [math.exp(intercept + slope * step) for step in self.steps]
