@@ -50,6 +50,31 @@ def test_conversion_reads_a_report_and_computes_the_share_that_reached_the_clock
     assert "toy: median conversion 0.35 over 2 run(s)" in printed
 
 
+def test_time_budget_pairs_the_steps_and_splits_calibration_from_sampled_backwards(tmp_path):
+    columns = "method,seed,step,calibrating,act_ratio,weight_ratio,forward_seconds,backward_seconds," \
+              "optimizer_seconds,controller_seconds"
+    lines = [columns]
+    for step in range(1, 9):
+        calibrating = step in (1, 5)
+        lines.append(f"exact,0,{step},0,,,1.0,2.0,0.5,")
+        lines.append(f"vcas,0,{step},{int(calibrating)},0.5,0.25,1.0,{1.5 if calibrating else 1.0},0.5,"
+                     f"{0.25 if calibrating else 0.0}")
+    (tmp_path / "steps.csv").write_text("\n".join(lines) + "\n")
+    vcas = {"method": "vcas", "seed": 0, "bp_flops_reduction": 0.6, "sampling_train_flops_reduction": 0.4,
+            "time_ratio": 0.7, "flop_checks": [{"step": 8}]}  # step 8 is left out on both sides
+    report = {"task": "toy", "lockstep": True, "runs": [{"method": "exact", "seed": 0}, vcas]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    printed = _run("time_budget.py", str(tmp_path))
+    assert "7 steps, 2 of them calibration steps" in printed
+    assert "| backward, sampled steps | 10.0 s | 5.0 s | 0.500 |" in printed
+    assert "| backward, calibration steps | 4.0 s | 3.0 s | 0.750 |" in printed
+    assert "| controller | 0.0 s | 0.5 s | - |" in printed
+    assert "| total | 24.5 s | 19.0 s | 0.776 |" in printed
+    # ceiling: backward 14 of 24.5 s, cut by 60 %: 1 - 8.4 / 24.5 = 0.657; conversion 0.343 / 0.4
+    assert "ceiling time ratio 0.657 (conversion 0.86), measured 0.700 (conversion 0.75)" in printed
+    assert "| 0 | 1-1 |" in printed and "| 0 | 6-7 |" in printed
+
+
 def test_results_table_prints_one_row_per_report_with_the_checks(tmp_path):
     method = {"sampling_train_flops_reduction": 0.25, "train_flops_reduction": 0.3, "sampling_bp_flops_reduction": 0.4,
               "time_ratio": 0.9, "final_train_loss": 0.05, "metric": 0.97}
