@@ -3,14 +3,17 @@
     python3 benchmarks/time_budget.py results/demo results/compare-mnist-vit
 
 For each report folder (trained in lockstep: exact and vcas on the same batches, so step i of
-one is step i of the other), summed over seeds, leaving out the steps whose FLOPs were counted:
+one is step i of the other) and each vcas method in it, summed over seeds, leaving out the steps
+whose FLOPs were counted:
 
 - the time per phase, vcas against exact *on the same steps*: the backward of ordinary (sampled)
   steps and the backward of calibration steps apart, so that each is compared with what exact
   training spent on those very steps;
 - the ceiling: the time ratio if vcas's backward took exact's backward time scaled by the
   backward FLOPs vcas ran (against stock PyTorch, whose time exact's is) and every other phase
-  took exact's time, and the conversion that ceiling would give;
+  took exact's time, the conversions that ceiling would give (of the FLOPs saved by sampling, and
+  of those saved in all: the ceiling includes the free zero-row skipping), and how far each of
+  vcas's phases lies above it;
 - the run in quarters: the time ratio, the backward time ratio and the mean keep ratios in each,
   which shows how much of the run the variance bound keeps near exact training.
 """
@@ -44,10 +47,10 @@ def _pairs(report: dict, by_run: dict) -> list[tuple[dict, list[dict], list[dict
     leaving out the steps whose FLOPs were counted (they run extra work on both sides)."""
     pairs = []
     for run in report["runs"]:
-        if run["method"] != "vcas" or ("exact", run["seed"]) not in by_run:
+        if not run["method"].startswith("vcas") or ("exact", run["seed"]) not in by_run:
             continue
         counted = {check["step"] for check in run.get("flop_checks", [])}
-        steps = {int(r["step"]): r for r in by_run[("vcas", run["seed"])]}
+        steps = {int(r["step"]): r for r in by_run[(run["method"], run["seed"])]}
         exact = {int(r["step"]): r for r in by_run[("exact", run["seed"])]}
         shared = sorted(set(steps) & set(exact) - counted)
         pairs.append((run, [steps[s] for s in shared], [exact[s] for s in shared]))
@@ -79,40 +82,65 @@ def phase_table(pairs: list) -> list[str]:
     lines = [f"{steps} steps, {calibrations} of them calibration steps (seeds summed)", "",
              "| phase | exact | vcas | vcas / exact |", "|---|---|---|---|"]
     for name, (exact, vcas) in totals.items():
-        ratio = f"{vcas / exact:.3f}" if exact > 0 else "-"
-        lines.append(f"| {name} | {exact:.1f} s | {vcas:.1f} s | {ratio} |")
+        lines.append(f"| {name} | {exact:.1f} s | {vcas:.1f} s | {_ratio(vcas, exact)} |")
     return lines
 
 
+def _ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.3f}" if denominator > 0 else "-"
+
+
+def _conversion(time_ratio: float, saved: float) -> str:
+    return f"{(1 - time_ratio) / saved:.2f}" if saved > 0 else "-"
+
+
 def ceiling_lines(pairs: list) -> list[str]:
+    """Per seed, the ceiling and its conversions; then, summed over seeds, how far each phase
+    of vcas's run lies above the ceiling's time for it."""
     lines = []
+    gap = dict.fromkeys(PHASES, 0.0)
     for run, vcas_steps, exact_steps in pairs:
         exact_total = sum(_seconds(e, p) for e in exact_steps for p in PHASES)
         exact_backward = sum(_seconds(e, "backward") for e in exact_steps)
-        ceiling = 1 - exact_backward * run["bp_flops_reduction"] / exact_total
-        saved = run["sampling_train_flops_reduction"]
-        lines.append(f"- seed {run['seed']}: backward {exact_backward / exact_total:.0%} of exact's time; "
-                     f"backward FLOPs {run['bp_flops_reduction']:.1%} fewer than stock PyTorch's; "
-                     f"ceiling time ratio {ceiling:.3f} (conversion {(1 - ceiling) / saved:.2f}), "
-                     f"measured {run['time_ratio']:.3f} (conversion {(1 - run['time_ratio']) / saved:.2f})")
+        if exact_total <= 0:
+            continue
+        reduction = run["bp_flops_reduction"]
+        ceiling = 1 - exact_backward * reduction / exact_total
+        saved, in_all = run["sampling_train_flops_reduction"], run["train_flops_reduction"]
+        lines.append(f"- {run['method']} seed {run['seed']}: backward {exact_backward / exact_total:.0%} of exact's "
+                     f"time; backward FLOPs {reduction:.1%} fewer than stock PyTorch's; ceiling time ratio "
+                     f"{ceiling:.3f} (conversion {_conversion(ceiling, saved)} of the FLOPs saved by sampling, "
+                     f"{_conversion(ceiling, in_all)} of those saved in all); measured {run['time_ratio']:.3f} "
+                     f"(conversion {_conversion(run['time_ratio'], saved)}, {_conversion(run['time_ratio'], in_all)})")
+        for phase in PHASES:
+            spent = sum(_seconds(v, phase) for v in vcas_steps)
+            allowed = sum(_seconds(e, phase) for e in exact_steps)
+            gap[phase] += spent - (allowed * (1 - reduction) if phase == "backward" else allowed)
+    if lines:
+        lines.append("- above the ceiling, seeds summed: " + ", ".join(f"{p} {gap[p]:+.1f} s" for p in PHASES)
+                     + f" (total {sum(gap.values()):+.1f} s)")
     return lines
 
 
 def quarter_table(pairs: list) -> list[str]:
-    lines = ["| seed | steps | time ratio | backward time ratio | mean activation keep ratio "
+    lines = ["| run | steps | time ratio | backward time ratio | mean activation keep ratio "
              "| mean weight keep ratio | calibrations |", "|---|---|---|---|---|---|---|"]
     for run, vcas_steps, exact_steps in pairs:
         n = len(vcas_steps)
         for q in range(4):
             part = slice(q * n // 4, (q + 1) * n // 4)
             v, e = vcas_steps[part], exact_steps[part]
+            if not v:
+                continue
             time_v = sum(_seconds(r, p) for r in v for p in PHASES)
             time_e = sum(_seconds(r, p) for r in e for p in PHASES)
-            back = sum(_seconds(r, "backward") for r in v) / sum(_seconds(r, "backward") for r in e)
-            act = sum(float(r["act_ratio"]) for r in v) / len(v)
-            weight = sum(float(r["weight_ratio"]) for r in v) / len(v)
+            back_v = sum(_seconds(r, "backward") for r in v)
+            back_e = sum(_seconds(r, "backward") for r in e)
+            act = sum(float(r["act_ratio"] or 1) for r in v) / len(v)
+            weight = sum(float(r["weight_ratio"] or 1) for r in v) / len(v)
             calibrations = sum(r["calibrating"] == "1" for r in v)
-            lines.append(f"| {run['seed']} | {v[0]['step']}-{v[-1]['step']} | {time_v / time_e:.3f} | {back:.3f} "
+            lines.append(f"| {run['method']} seed {run['seed']} | {v[0]['step']}-{v[-1]['step']} "
+                         f"| {_ratio(time_v, time_e)} | {_ratio(back_v, back_e)} "
                          f"| {act:.3f} | {weight:.3f} | {calibrations} |")
     return lines
 
@@ -124,9 +152,14 @@ def main(folders: list[str]) -> None:
             print(f"{folder}: not a lockstep run; its steps are not paired", file=sys.stderr)
             continue
         pairs = _pairs(report, by_run)
-        print(f"## {report['task']} ({folder})", "", *phase_table(pairs), "",
-              "Ceiling (backward time in proportion to its FLOPs, every other phase as exact's):",
-              *ceiling_lines(pairs), "", "The run in quarters:", "", *quarter_table(pairs), "", sep="\n")
+        if not any(_seconds(row, "backward") for _, steps, _ in pairs for row in steps):
+            print(f"{folder}: no vcas run with per-phase times paired with exact's", file=sys.stderr)
+            continue
+        for method in dict.fromkeys(run["method"] for run, _, _ in pairs):
+            ours = [pair for pair in pairs if pair[0]["method"] == method]
+            print(f"## {report['task']}, {method} ({folder})", "", *phase_table(ours), "",
+                  "Ceiling (backward time in proportion to its FLOPs, every other phase as exact's):",
+                  *ceiling_lines(ours), "", "The run in quarters:", "", *quarter_table(ours), "", sep="\n")
 
 
 if __name__ == "__main__":

@@ -54,25 +54,41 @@ def test_time_budget_pairs_the_steps_and_splits_calibration_from_sampled_backwar
     columns = "method,seed,step,calibrating,act_ratio,weight_ratio,forward_seconds,backward_seconds," \
               "optimizer_seconds,controller_seconds"
     lines = [columns]
-    for step in range(1, 9):
-        calibrating = step in (1, 5)
-        lines.append(f"exact,0,{step},0,,,1.0,2.0,0.5,")
-        lines.append(f"vcas,0,{step},{int(calibrating)},0.5,0.25,1.0,{1.5 if calibrating else 1.0},0.5,"
-                     f"{0.25 if calibrating else 0.0}")
+    for seed, slower in ((0, 1.0), (1, 2.0)):  # seed 1: every time doubled, on both sides
+        for step in range(1, 9):
+            calibrating = step in (1, 5)
+            act = 1.0 if step <= 2 else 0.5
+            lines.append(f"exact,{seed},{step},0,,,{1.0 * slower},{2.0 * slower},{0.5 * slower},")
+            lines.append(f"vcas,{seed},{step},{int(calibrating)},{act},0.25,{1.0 * slower},"
+                         f"{(1.5 if calibrating else 1.0) * slower},{0.5 * slower},"
+                         f"{0.25 * slower if calibrating else 0.0}")
     (tmp_path / "steps.csv").write_text("\n".join(lines) + "\n")
-    vcas = {"method": "vcas", "seed": 0, "bp_flops_reduction": 0.6, "sampling_train_flops_reduction": 0.4,
-            "time_ratio": 0.7, "flop_checks": [{"step": 8}]}  # step 8 is left out on both sides
-    report = {"task": "toy", "lockstep": True, "runs": [{"method": "exact", "seed": 0}, vcas]}
+
+    def vcas(seed, saved):
+        return {"method": "vcas", "seed": seed, "bp_flops_reduction": 0.6, "sampling_train_flops_reduction": saved,
+                "train_flops_reduction": 0.5, "time_ratio": 0.7, "flop_checks": [{"step": 8}]}  # left out
+
+    report = {"task": "toy", "lockstep": True,
+              "runs": [{"method": "exact", "seed": 0}, vcas(0, 0.4), {"method": "exact", "seed": 1}, vcas(1, 0.0)]}
     (tmp_path / "report.json").write_text(json.dumps(report))
     printed = _run("time_budget.py", str(tmp_path))
-    assert "7 steps, 2 of them calibration steps" in printed
-    assert "| backward, sampled steps | 10.0 s | 5.0 s | 0.500 |" in printed
-    assert "| backward, calibration steps | 4.0 s | 3.0 s | 0.750 |" in printed
-    assert "| controller | 0.0 s | 0.5 s | - |" in printed
-    assert "| total | 24.5 s | 19.0 s | 0.776 |" in printed
-    # ceiling: backward 14 of 24.5 s, cut by 60 %: 1 - 8.4 / 24.5 = 0.657; conversion 0.343 / 0.4
-    assert "ceiling time ratio 0.657 (conversion 0.86), measured 0.700 (conversion 0.75)" in printed
-    assert "| 0 | 1-1 |" in printed and "| 0 | 6-7 |" in printed
+    # both seeds summed: seed 1 counts twice seed 0's seconds
+    assert "14 steps, 4 of them calibration steps" in printed
+    assert "| backward, sampled steps | 30.0 s | 15.0 s | 0.500 |" in printed
+    assert "| backward, calibration steps | 12.0 s | 9.0 s | 0.750 |" in printed
+    assert "| controller | 0.0 s | 1.5 s | - |" in printed
+    assert "| total | 73.5 s | 57.0 s | 0.776 |" in printed
+    # ceiling: backward 14 of 24.5 s cut by 60 %: 1 - 8.4 / 24.5 = 0.657; 0.343 / 0.4 and / 0.5
+    assert "vcas seed 0: backward 57% of exact's time; backward FLOPs 60.0% fewer than stock PyTorch's; " \
+           "ceiling time ratio 0.657 (conversion 0.86 of the FLOPs saved by sampling, 0.69 of those saved " \
+           "in all); measured 0.700 (conversion 0.75, 0.60)" in printed
+    assert "(conversion - of the FLOPs saved by sampling" in printed  # seed 1 saved nothing by sampling
+    # above the ceiling: backward 24 s spent against 42 x 0.4 = 16.8; controller 1.5 s
+    assert "forward +0.0 s, backward +7.2 s, optimizer +0.0 s, controller +1.5 s (total +8.7 s)" in printed
+    # quarters of 7 paired steps: 1, 2-3, 4-5, 6-7
+    assert "| vcas seed 0 | 1-1 | 0.929 | 0.750 | 1.000 | 0.250 | 1 |" in printed
+    assert "| vcas seed 0 | 2-3 | 0.714 | 0.500 | 0.750 | 0.250 | 0 |" in printed
+    assert "| vcas seed 1 | 4-5 | 0.821 | 0.625 | 0.500 | 0.250 | 1 |" in printed
 
 
 def test_results_table_prints_one_row_per_report_with_the_checks(tmp_path):
