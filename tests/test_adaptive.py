@@ -14,7 +14,7 @@ from models import NormBlocksOnly, TinyCNN, TinyConv1dNet, TinyTransformer, imag
 from vcas.control import adaptive, prediction
 from vcas.control.statistics import CalibrationStats
 from vcas.ops.records import SampleRecord
-from vcas.sampling import capped_proportional_probs, sampling_variance, share_schedule
+from vcas.sampling import capped_proportional_probs, rounded_up_where_dense, sampling_variance, share_schedule
 
 TAU = 0.025
 
@@ -268,9 +268,9 @@ class _Synthetic:
     """A controller whose adaptive policy decides on synthetic calibrations."""
 
     def __init__(self, start_s=None, **options):
-        self.ctl = vcas.attach(TinyTransformer(depth=BLOCKS), vcas.VCASConfig(
-            controller="adaptive", tau_act=TAU, update_every=8, min_update_every=1, seed=0,
-            min_weight_numel=0, **options))
+        options = dict(controller="adaptive", tau_act=TAU, update_every=8, min_update_every=1, seed=0,
+                       min_weight_numel=0) | options
+        self.ctl = vcas.attach(TinyTransformer(depth=BLOCKS), vcas.VCASConfig(**options))
         self.ctl.mechanism.stop_recording()
         self.policy = self.ctl.policy
         if start_s is not None:  # as if an earlier calibration had put s there
@@ -743,3 +743,50 @@ def test_a_pass_that_overflowed_in_some_layers_is_dropped_from_every_layer():
     assert len({id(records[0].pass_norms) for records in kept}) == 1
     ctl.apply(ctl.policy.decide(stats, 1, ctl.mechanism))
     assert ctl.stats()["updates"] == 1 and ctl.stats()["skipped_updates"] == 0
+
+
+# ------------------------------------------------------------------ ratios that would save nothing
+def test_blocks_of_linears_run_dense_above_gather_below_and_convolution_blocks_never():
+    linears = vcas.attach(TinyTransformer(depth=BLOCKS), vcas.VCASConfig(controller="adaptive", gather_below=0.7))
+    convs = vcas.attach(TinyCNN(), vcas.VCASConfig(gather_below=0.7))
+    assert linears.mechanism.dense_above == [0.7] * BLOCKS
+    assert convs.mechanism.dense_above and set(convs.mechanism.dense_above) == {1.0}
+
+
+@pytest.mark.parametrize("gather_below", [0.75, 1.0], ids=["rounded", "gathers-always"])
+def test_no_ratio_is_left_where_the_block_would_run_dense(gather_below):
+    """With gather_below = g, a block of linears at a keep ratio in (g, 1) runs its dense
+    products: the controller rounds such ratios up to 1. With g = 1 (always gather) nothing is
+    rounded, and the same calibrations do give ratios there (the check can fail)."""
+    ctl = _Synthetic(gather_below=gather_below, tau_act=TAU / 5)  # a tighter bound: ratios near 0.75
+    ratios = []
+    for seed in range(12):
+        ctl.update(_synthetic_stats(200 + seed, noise=1.0))
+        ratios += ctl.stats()["act_ratios"]
+    between = [r for r in ratios if 0.75 < r < 1.0]
+    assert (not between) if gather_below < 1 else between
+    assert min(ratios) < 0.75  # it samples all the same
+
+
+def test_the_solve_spends_the_budget_where_sampling_saves_work():
+    """Rounded up, the ratios above the dense threshold add no variance: the solved s is at most
+    the one solved without rounding, its rounded schedule is within the budget, and a little
+    less s breaks it."""
+    stats = _synthetic_stats(7)
+    pool, budget = [(1.0, stats)], TAU * sum(stats.sgd_variances().values())
+    dense_above = [0.75] * BLOCKS
+    schedule = lambda share: share_schedule(prediction.pooled_block_norms(pool), share)
+    rounded = lambda share: rounded_up_where_dense(schedule(share), dense_above)
+    plain_s = prediction.solve_share(pool, ABOVE, budget)
+    s = prediction.solve_share(pool, ABOVE, budget, dense_above=dense_above)
+    assert s <= plain_s
+    assert prediction.pooled_act_variance(pool, ABOVE, rounded(s)) <= budget
+    assert prediction.pooled_act_variance(pool, ABOVE, rounded(s - 2 ** -10)) > budget or s == 0
+    assert not [r for r in rounded(s) if 0.75 < r < 1.0]
+
+
+def test_rounding_up_where_dense():
+    assert rounded_up_where_dense([0.2, 0.75, 0.8, 1.0], [0.75, 0.75, 0.75, 0.75]) == [0.2, 0.75, 1.0, 1.0]
+    assert rounded_up_where_dense([0.9, 0.8], [1.0, 0.75]) == [0.9, 1.0]
+    with pytest.raises(ValueError):
+        rounded_up_where_dense([0.5], [0.75, 0.75])

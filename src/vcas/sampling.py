@@ -298,6 +298,13 @@ def monotone_schedule(fractions: list[float]) -> list[float]:
     return schedule
 
 
+def rounded_up_where_dense(ratios: Sequence[float], dense_above: Sequence[float]) -> list[float]:
+    """Each block's keep ratio, or 1 where it is above ``dense_above`` for that block: there the
+    block's backward runs its dense products (nearly every row is non-zero), so sampling would
+    add variance and save nothing."""
+    return [1.0 if ratio > ceiling else ratio for ratio, ceiling in zip(ratios, dense_above, strict=True)]
+
+
 def share_schedule(block_norms: list[list[torch.Tensor | None]], share: float) -> list[float]:
     """rho(s): per block, the mean over calibration batches of :func:`norm_share_fraction`, made
     monotone with :func:`monotone_schedule`. ``block_norms[batch][block]`` holds per-sample norms;

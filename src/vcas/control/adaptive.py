@@ -20,6 +20,9 @@ that jumps by orders of magnitude, so short runs stay near exact training. This 
   alone against the SGD variance the pool expects at its step (a pool lags behind an added
   variance that grows during training), and each nu_l, for the pool and the newest alike, from
   the analytic SampleW variance of the recorded row scores against ``tau_w * V_sgd,l``.
+  Activation ratios above ``gather_below`` in a block of linears count as 1, in the solve as in
+  the decision: there the block's backward runs dense, so sampling would spend the variance
+  budget and save nothing (:attr:`Mechanism.dense_above <vcas.control.mechanism.Mechanism.dense_above>`).
 - Jumps to the solution at the first calibration, then moves s within a trust region that grows
   while moves agree and shrinks when they flip. The calibration interval doubles while the
   solution is stable, halves when it rises (more must be kept) or when the newest calibration
@@ -40,7 +43,7 @@ from typing import Any, ClassVar, cast
 from ..config import VCASConfig
 from ..errors import ConfigError
 from ..runtime.mode import CALIBRATION
-from ..sampling import share_schedule
+from ..sampling import rounded_up_where_dense, share_schedule
 from . import prediction
 from .mechanism import Mechanism, scalar_loss
 from .policy import CalibrationSource, Decision, Merge, Outcome, Skip
@@ -136,9 +139,11 @@ class AdaptivePolicy:
         # calibration remembered the pool is the newest: its constraints would repeat).
         parts = [(pool, pooled_sgd)] + ([(newest, newest_sgd)] if len(pool) > 1 else [])
         also = [(part, config.tau_act * sum(sgd.values())) for part, sgd in parts[1:]]
-        target = prediction.solve_share(pool, above, config.tau_act * sum(pooled_sgd.values()), also=also)
+        dense_above = mechanism.dense_above
+        target = prediction.solve_share(pool, above, config.tau_act * sum(pooled_sgd.values()), also=also,
+                                        dense_above=dense_above)
         self.s = target if len(memory.history) == 1 else memory.move(previous_s, target)
-        act = share_schedule(prediction.pooled_block_norms(pool), self.s)
+        act = rounded_up_where_dense(share_schedule(prediction.pooled_block_norms(pool), self.s), dense_above)
         solved = self._weight_ratios(parts, mechanism)
         cap = config.max_weight_ratio
         weight = {name: nu if nu <= cap else 1.0 for name, nu in solved.items()}

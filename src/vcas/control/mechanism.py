@@ -78,6 +78,16 @@ class Mechanism:
         return [None if (above := self.plan.above[name]) is None else index[above]
                 for name in self.block_names]
 
+    @property
+    def dense_above(self) -> list[float]:
+        """Per block (plan order), the keep ratio above which sampling there saves nothing:
+        ``gather_below`` for a block whose sampled layers are all linears (above it their
+        backward runs the dense products, and so does everything else in the block), 1 for a
+        block with a convolution (convolutions gather their non-zero samples at any ratio)."""
+        gather_below = self.runtime.gather_below
+        return [gather_below if all(site.is_linear for site in self.plan.sites if site.block == block) else 1.0
+                for block in self.block_names]
+
     def weight_sampled(self, linear: str) -> bool:
         """Whether the controllers may sample this linear's weight gradient."""
         return self.installation.sites[linear].weight_sampled

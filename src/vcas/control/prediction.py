@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ..sampling import ShareSchedule, SortedScores, capped_proportional_probs
+from ..sampling import ShareSchedule, SortedScores, capped_proportional_probs, rounded_up_where_dense
 from .statistics import CalibrationStats, Measurement
 
 # Monte Carlo draws of the samplers above a nested one (the top sampler is exact).
@@ -255,11 +255,13 @@ def _weighted_excess(weight: float, excess: torch.Tensor | None, n: int) -> torc
 
 
 def solve_share(pool: Pool, above: Sequence[int | None], budget: float, iterations: int = 10, *,
-                also: Sequence[tuple[Pool, float]] = ()) -> float:
+                also: Sequence[tuple[Pool, float]] = (), dense_above: Sequence[float] | None = None) -> float:
     """The smallest s in [0, 1] whose schedule (from the pool's block norms) keeps the pool's
     predicted V_act within ``budget`` and, for each ``(pool, budget)`` in ``also``, that pool's
     within its budget. Each constraint only loosens as s grows, so bisection finds the smallest
-    s meeting them all."""
+    s meeting them all. With ``dense_above``, the schedule's ratios are rounded up to 1 where
+    they are above it (:func:`vcas.sampling.rounded_up_where_dense`), as the decision applies
+    them: the budget goes to the blocks where sampling saves work."""
     norms = pooled_block_norms(pool)
     if not norms:
         return 1.0
@@ -268,6 +270,8 @@ def solve_share(pool: Pool, above: Sequence[int | None], budget: float, iteratio
 
     def within(share: float) -> bool:
         ratios = schedule(share)
+        if dense_above is not None:
+            ratios = rounded_up_where_dense(ratios, dense_above)
         return all(excess.variance(above, ratios) <= limit for excess, limit in constraints)
 
     if within(0.0):
