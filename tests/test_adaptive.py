@@ -750,6 +750,8 @@ def test_blocks_of_linears_run_dense_above_gather_below_and_convolution_blocks_n
     linears = vcas.attach(TinyTransformer(depth=BLOCKS), vcas.VCASConfig(controller="adaptive", gather_below=0.7))
     convs = vcas.attach(TinyCNN(), vcas.VCASConfig(gather_below=0.7))
     assert linears.mechanism.dense_above == [0.7] * BLOCKS
+    compact = vcas.attach(TinyTransformer(depth=BLOCKS), vcas.VCASConfig(gather_below=0.7, recompute_below=0.8))
+    assert compact.mechanism.dense_above == [0.8] * BLOCKS  # compact recompute saves below 0.8
     assert convs.mechanism.dense_above and set(convs.mechanism.dense_above) == {1.0}
 
 
@@ -788,5 +790,8 @@ def test_the_solve_spends_the_budget_where_sampling_saves_work():
 def test_rounding_up_where_dense():
     assert rounded_up_where_dense([0.2, 0.75, 0.8, 1.0], [0.75, 0.75, 0.75, 0.75]) == [0.2, 0.75, 1.0, 1.0]
     assert rounded_up_where_dense([0.9, 0.8], [1.0, 0.75]) == [0.9, 1.0]
+    # A rounded block below a convolution block at 0.85 stays at 0.85: it samples nothing, and
+    # the schedule still never decreases towards the output.
+    assert rounded_up_where_dense([0.8, 0.85], [0.75, 1.0]) == [0.85, 0.85]
     with pytest.raises(ValueError):
         rounded_up_where_dense([0.5], [0.75, 0.75])

@@ -64,8 +64,9 @@ class VCASConfig:
             gathering the non-zero rows first: gathering and scattering cost more than the
             skipped products save when few rows are zero. 1 always gathers; 0 never does.
             (Convolutions always gather their non-zero samples: their products per row are large.)
-            The adaptive controller rounds an activation keep ratio above this up to 1 in a
-            block of linears: there sampling would add variance and save nothing.
+            The adaptive controller rounds an activation keep ratio above this (or above
+            ``recompute_below``, if higher) up to 1 in a block of linears: there sampling would
+            add variance and save next to nothing.
         sync_free: whether the sampled ops avoid every host synchronisation inside the forward
             and backward: data-dependent subsets (the kept samples, the non-zero rows, SampleW's
             kept rows) go into room reserved from the keep ratios, on the device

@@ -299,10 +299,15 @@ def monotone_schedule(fractions: list[float]) -> list[float]:
 
 
 def rounded_up_where_dense(ratios: Sequence[float], dense_above: Sequence[float]) -> list[float]:
-    """Each block's keep ratio, or 1 where it is above ``dense_above`` for that block: there the
-    block's backward runs its dense products (nearly every row is non-zero), so sampling would
-    add variance and save nothing."""
-    return [1.0 if ratio > ceiling else ratio for ratio, ceiling in zip(ratios, dense_above, strict=True)]
+    """Each block's keep ratio (input side first), or 1 where it is above ``dense_above`` for
+    that block: there the block's backward runs its dense products (nearly every row is
+    non-zero), so sampling would add variance and save next to nothing. A rounded block stays
+    at or below every block above it, as the schedule requires: a block whose ratio equals the
+    one above samples nothing, like a block at 1."""
+    rounded = [1.0 if ratio > ceiling else ratio for ratio, ceiling in zip(ratios, dense_above, strict=True)]
+    for below in range(len(rounded) - 2, -1, -1):
+        rounded[below] = min(rounded[below], rounded[below + 1])
+    return rounded
 
 
 def share_schedule(block_norms: list[list[torch.Tensor | None]], share: float) -> list[float]:

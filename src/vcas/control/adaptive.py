@@ -22,7 +22,7 @@ that jumps by orders of magnitude, so short runs stay near exact training. This 
   the analytic SampleW variance of the recorded row scores against ``tau_w * V_sgd,l``.
   Activation ratios above ``gather_below`` in a block of linears count as 1, in the solve as in
   the decision: there the block's backward runs dense, so sampling would spend the variance
-  budget and save nothing (:attr:`Mechanism.dense_above <vcas.control.mechanism.Mechanism.dense_above>`).
+  budget and save next to nothing (:attr:`Mechanism.dense_above <vcas.control.mechanism.Mechanism.dense_above>`).
 - Jumps to the solution at the first calibration, then moves s within a trust region that grows
   while moves agree and shrinks when they flip. The calibration interval doubles while the
   solution is stable, halves when it rises (more must be kept) or when the newest calibration

@@ -80,12 +80,18 @@ class Mechanism:
 
     @property
     def dense_above(self) -> list[float]:
-        """Per block (plan order), the keep ratio above which sampling there saves nothing:
-        ``gather_below`` for a block whose sampled layers are all linears (above it their
-        backward runs the dense products, and so does everything else in the block), 1 for a
-        block with a convolution (convolutions gather their non-zero samples at any ratio)."""
-        gather_below = self.runtime.gather_below
-        return [gather_below if all(site.is_linear for site in self.plan.sites if site.block == block) else 1.0
+        """Per block (plan order), the keep ratio above which sampling there saves next to
+        nothing: for a block whose sampled layers are all linears, ``gather_below`` (above it
+        their input-gradient products run dense, and so does everything else in the block; a
+        sampled weight gradient keeps ``nu`` of fewer non-zero rows, a small saving) or
+        ``recompute_below`` where that is higher (compact recompute saves below it); 1 for a
+        block with a convolution (convolutions gather their non-zero samples at any ratio).
+
+        The sync-free path (CUDA) runs dense from a lower ratio (its room for the kept rows is a
+        high quantile of their count): there ratios between that point and this one still save
+        nothing."""
+        linear_only = max(self.runtime.gather_below, self.runtime.recompute_below)
+        return [linear_only if all(site.is_linear for site in self.plan.sites if site.block == block) else 1.0
                 for block in self.block_names]
 
     def weight_sampled(self, linear: str) -> bool:
