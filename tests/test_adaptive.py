@@ -795,3 +795,16 @@ def test_rounding_up_where_dense():
     assert rounded_up_where_dense([0.8, 0.85], [0.75, 1.0]) == [0.85, 0.85]
     with pytest.raises(ValueError):
         rounded_up_where_dense([0.5], [0.75, 0.75])
+
+
+def test_the_decision_solves_with_the_rounded_ratios():
+    """The first calibration jumps to the solution found with ratios above gather_below rounded
+    up, which here differs from the one found without rounding."""
+    ctl = _Synthetic(tau_act=TAU / 5)
+    stats = _synthetic_stats(3)
+    budget = TAU / 5 * sum(stats.sgd_variances().values())
+    rounded = prediction.solve_share([(1.0, stats)], ABOVE, budget, dense_above=[0.75] * BLOCKS)
+    plain = prediction.solve_share([(1.0, stats)], ABOVE, budget)
+    assert rounded != plain
+    ctl.update(stats)
+    assert ctl.stats()["s"] == rounded
