@@ -7,6 +7,7 @@ the expectation of the draw for deterministic tests).
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -305,28 +306,31 @@ def rounded_up_where_dense(ratios: Sequence[float], dense_above: Sequence[float]
     at or below every block above it, as the schedule requires: a block whose ratio equals the
     one above samples nothing, like a block at 1."""
     rounded = [1.0 if ratio > ceiling else ratio for ratio, ceiling in zip(ratios, dense_above, strict=True)]
-    for below in range(len(rounded) - 2, -1, -1):
-        rounded[below] = min(rounded[below], rounded[below + 1])
-    return rounded
+    return list(itertools.accumulate(reversed(rounded), min))[::-1]  # the smallest from the output down
 
 
-def share_schedule(block_norms: list[list[torch.Tensor | None]], share: float) -> list[float]:
+def share_schedule(block_norms: list[list[torch.Tensor | None]], share: float,
+                   dense_above: Sequence[float] | None = None) -> list[float]:
     """rho(s): per block, the mean over calibration batches of :func:`norm_share_fraction`, made
     monotone with :func:`monotone_schedule`. ``block_norms[batch][block]`` holds per-sample norms;
-    a block whose gradient was never seen (``None``) keeps everything, the conservative choice."""
-    return ShareSchedule(block_norms)(share)
+    a block whose gradient was never seen (``None``) keeps everything, the conservative choice.
+    With ``dense_above`` (one ratio per block), :func:`rounded_up_where_dense` of that."""
+    return ShareSchedule(block_norms, dense_above)(share)
 
 
 class ShareSchedule:
     """:func:`share_schedule` of fixed norms at many shares, sorting each batch's norms once
     (the adaptive controller's bisection evaluates a dozen shares per calibration)."""
 
-    def __init__(self, block_norms: list[list[torch.Tensor | None]]) -> None:
+    def __init__(self, block_norms: list[list[torch.Tensor | None]],
+                 dense_above: Sequence[float] | None = None) -> None:
         n_blocks = len(block_norms[0]) if block_norms else 0
+        self.dense_above = dense_above
         self.blocks = [[_RankedNorms(norms) for norms in (batch[block] for batch in block_norms)
                         if norms is not None]
                        for block in range(n_blocks)]
 
     def __call__(self, share: float) -> list[float]:
-        return monotone_schedule([sum(r.fraction(share) for r in seen) / len(seen) if seen else 1.0
-                                  for seen in self.blocks])
+        schedule = monotone_schedule([sum(r.fraction(share) for r in seen) / len(seen) if seen else 1.0
+                                      for seen in self.blocks])
+        return schedule if self.dense_above is None else rounded_up_where_dense(schedule, self.dense_above)

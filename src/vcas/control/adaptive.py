@@ -43,7 +43,7 @@ from typing import Any, ClassVar, cast
 from ..config import VCASConfig
 from ..errors import ConfigError
 from ..runtime.mode import CALIBRATION
-from ..sampling import rounded_up_where_dense, share_schedule
+from ..sampling import share_schedule
 from . import prediction
 from .mechanism import Mechanism, scalar_loss
 from .policy import CalibrationSource, Decision, Merge, Outcome, Skip
@@ -143,7 +143,7 @@ class AdaptivePolicy:
         target = prediction.solve_share(pool, above, config.tau_act * sum(pooled_sgd.values()), also=also,
                                         dense_above=dense_above)
         self.s = target if len(memory.history) == 1 else memory.move(previous_s, target)
-        act = rounded_up_where_dense(share_schedule(prediction.pooled_block_norms(pool), self.s), dense_above)
+        act = share_schedule(prediction.pooled_block_norms(pool), self.s, dense_above)
         solved = self._weight_ratios(parts, mechanism)
         cap = config.max_weight_ratio
         weight = {name: nu if nu <= cap else 1.0 for name, nu in solved.items()}

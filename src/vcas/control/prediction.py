@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ..sampling import ShareSchedule, SortedScores, capped_proportional_probs, rounded_up_where_dense
+from ..sampling import ShareSchedule, SortedScores, capped_proportional_probs
 from .statistics import CalibrationStats, Measurement
 
 # Monte Carlo draws of the samplers above a nested one (the top sampler is exact).
@@ -260,18 +260,16 @@ def solve_share(pool: Pool, above: Sequence[int | None], budget: float, iteratio
     predicted V_act within ``budget`` and, for each ``(pool, budget)`` in ``also``, that pool's
     within its budget. Each constraint only loosens as s grows, so bisection finds the smallest
     s meeting them all. With ``dense_above``, the schedule's ratios are rounded up to 1 where
-    they are above it (:func:`vcas.sampling.rounded_up_where_dense`), as the decision applies
-    them: the budget goes to the blocks where sampling saves work."""
+    they are above it (:func:`vcas.sampling.share_schedule`), as the decision applies them: the
+    budget goes to the blocks where sampling saves work."""
     norms = pooled_block_norms(pool)
     if not norms:
         return 1.0
-    schedule = ShareSchedule(norms)
+    schedule = ShareSchedule(norms, dense_above)
     constraints = [(_PooledExcess(pool), budget)] + [(_PooledExcess(other), limit) for other, limit in also]
 
     def within(share: float) -> bool:
         ratios = schedule(share)
-        if dense_above is not None:
-            ratios = rounded_up_where_dense(ratios, dense_above)
         return all(excess.variance(above, ratios) <= limit for excess, limit in constraints)
 
     if within(0.0):
