@@ -14,7 +14,13 @@ from models import NormBlocksOnly, TinyCNN, TinyConv1dNet, TinyTransformer, imag
 from vcas.control import adaptive, prediction
 from vcas.control.statistics import CalibrationStats
 from vcas.ops.records import SampleRecord
-from vcas.sampling import capped_proportional_probs, rounded_up_where_dense, sampling_variance, share_schedule
+from vcas.sampling import (
+    ShareSchedule,
+    capped_proportional_probs,
+    rounded_up_where_dense,
+    sampling_variance,
+    share_schedule,
+)
 
 TAU = 0.025
 
@@ -661,6 +667,58 @@ def test_pooled_act_variance_equals_the_weighted_sum_of_the_per_layer_prediction
     for ratios in ([0.3] * BLOCKS, [0.2, 0.5, 0.7, 0.9][:BLOCKS], [0.5] * (BLOCKS - 1) + [1.0]):
         per_layer = sum(w * sum(prediction.act_variances(stats, ABOVE, ratios).values()) for w, stats in pool)
         assert prediction.pooled_act_variance(pool, ABOVE, ratios) == pytest.approx(per_layer, rel=1e-12)
+
+
+def test_shared_draws_and_remembered_evaluations_give_the_fresh_predictions():
+    """One evaluator per pool, draws shared with another pool's and kept across decisions, and
+    each ratio vector evaluated once: every prediction equals the one a fresh evaluation gives,
+    whatever was evaluated before (which blocks drew decides which draws a block gets)."""
+    pools = [[(0.8 ** age, _synthetic_stats(seed, noise=1.0)) for age, seed in enumerate(range(3))],
+             [(1.0, _synthetic_stats(5))]]
+    trials = [[0.3, 0.6, 1.0], [1.0, 1.0, 1.0], [0.2, 0.5, 0.7], [0.4, 0.4, 0.9], [0.3, 0.6, 1.0]]
+    draws = prediction.CommonDraws(limit=2)  # small: the cache also starts over on the way
+    evaluators = [prediction.PooledActVariance(pool, ABOVE, draws) for pool in pools]
+    for ratios in trials:
+        for pool, evaluate in zip(pools, evaluators):
+            assert evaluate(ratios) == prediction.pooled_act_variance(pool, ABOVE, ratios)
+    assert len(evaluators[0].evaluated) == len(trials) - 1  # the repeated vector was not evaluated again
+    # The negative control: other draws (as uniform, shifted) give other predictions.
+    shifted = _ShiftedDraws()
+    for pool in pools:
+        assert prediction.PooledActVariance(pool, ABOVE, shifted)(trials[2]) != \
+            prediction.pooled_act_variance(pool, ABOVE, trials[2])
+
+
+class _ShiftedDraws(prediction.CommonDraws):
+    """The common draws shifted by half, modulo 1: uniform still, but not the same draws."""
+
+    def stream(self):
+        draws = super().stream()
+        return lambda count, n, dtype: (draws(count, n, dtype) + 0.5) % 1
+
+
+def test_the_share_solve_tries_the_constraints_in_order_and_stops_at_the_first_broken():
+    stats = _synthetic_stats(7)
+    budget = TAU * sum(stats.sgd_variances().values())
+    schedule = ShareSchedule(prediction.pooled_block_norms([(1.0, stats)]))
+    calls = []
+
+    def counted(name, evaluate):
+        def variance(ratios):
+            calls.append((name, evaluate(ratios)))
+            return calls[-1][1]
+        return variance
+
+    evaluate = prediction.PooledActVariance([(1.0, stats)], ABOVE)
+    tight = [(counted("tight", evaluate), budget / 4), (counted("loose", evaluate), budget)]
+    s = prediction.smallest_share(schedule, tight)
+    assert s == prediction.solve_share([(1.0, stats)], ABOVE, budget / 4)
+    # Every trial (s = 0, then 10 halvings) tries the first; the second only after the first held.
+    held = [value <= budget / 4 for name, value in calls if name == "tight"]
+    assert len(held) == 11 and 0 < sum(held) < 11
+    assert [name for name, _ in calls] == [n for h in held for n in (["tight", "loose"] if h else ["tight"])]
+    assert s == prediction.smallest_share(schedule, tight[::-1])
+    assert prediction.smallest_share(ShareSchedule([]), tight) == 1.0
 
 
 def test_auto_picks_adaptive_where_its_assumptions_hold_and_paper_elsewhere():

@@ -325,6 +325,7 @@ class ShareSchedule:
     def __init__(self, block_norms: list[list[torch.Tensor | None]],
                  dense_above: Sequence[float] | None = None) -> None:
         n_blocks = len(block_norms[0]) if block_norms else 0
+        self.batches = len(block_norms)
         self.dense_above = dense_above
         self.blocks = [[_RankedNorms(norms) for norms in (batch[block] for batch in block_norms)
                         if norms is not None]

@@ -43,7 +43,7 @@ from typing import Any, ClassVar, cast
 from ..config import VCASConfig
 from ..errors import ConfigError
 from ..runtime.mode import CALIBRATION
-from ..sampling import share_schedule
+from ..sampling import ShareSchedule
 from . import prediction
 from .mechanism import Mechanism, scalar_loss
 from .policy import CalibrationSource, Decision, Merge, Outcome, Skip
@@ -72,6 +72,7 @@ class AdaptivePolicy:
         self.config = config
         self.s = 1.0
         self.memory = AdaptiveState()
+        self.draws = prediction.CommonDraws()  # the simulation's draws, the same for every decision
 
     def start(self, mechanism: Mechanism) -> None:
         """The first training step calibrates."""
@@ -134,25 +135,26 @@ class AdaptivePolicy:
         newest = pool[-1:]
         newest_sgd = {name: v / sum(config.smoothing ** age for age in range(len(pool)))
                       for name, v in pooled_sgd.items()}
-        surprised = self._surprised(newest, sum(newest_sgd.values()), mechanism)
         # Every bound holds for the pool and for the newest calibration alone (with one
         # calibration remembered the pool is the newest: its constraints would repeat).
         parts = [(pool, pooled_sgd)] + ([(newest, newest_sgd)] if len(pool) > 1 else [])
-        also = [(part, config.tau_act * sum(sgd.values())) for part, sgd in parts[1:]]
-        dense_above = mechanism.dense_above
-        target = prediction.solve_share(pool, above, config.tau_act * sum(pooled_sgd.values()), also=also,
-                                        dense_above=dense_above)
+        pooled_act = prediction.PooledActVariance(pool, above, self.draws)
+        newest_act = prediction.PooledActVariance(newest, above, self.draws) if len(pool) > 1 else pooled_act
+        surprised = newest_act(mechanism.ratios.act_list) > SURPRISE * config.tau_act * sum(newest_sgd.values())
+        # The newest calibration first: one pass, cheap, and often the one a trial breaks.
+        constraints = [(newest_act, config.tau_act * sum(newest_sgd.values()))] if len(pool) > 1 else []
+        constraints.append((pooled_act, config.tau_act * sum(pooled_sgd.values())))
+        schedule = ShareSchedule(prediction.pooled_block_norms(pool), mechanism.dense_above)
+        target = prediction.smallest_share(schedule, constraints)
         self.s = target if len(memory.history) == 1 else memory.move(previous_s, target)
-        act = share_schedule(prediction.pooled_block_norms(pool), self.s, dense_above)
+        act = schedule(self.s)
         solved = self._weight_ratios(parts, mechanism)
         cap = config.max_weight_ratio
         weight = {name: nu if nu <= cap else 1.0 for name, nu in solved.items()}
         memory.schedule_next(step, self._interval_factor(target - previous_s, solved, previous_nu, surprised),
                              config.shortest_interval, every)
         estimate = prediction.summary(stats, above, act, weight)
-        pooled_act = prediction.pooled_act_variance(pool, above, act)
-        bound = pooled_act / sum(pooled_sgd.values())
-        return Decision(self.s, act, weight, estimate, bound)
+        return Decision(self.s, act, weight, estimate, pooled_act(act) / sum(pooled_sgd.values()))
 
     def _interval_factor(self, s_move: float, solved: dict[str, float], previous_nu: Sequence[float],
                          surprised: bool) -> float:
@@ -179,12 +181,6 @@ class AdaptivePolicy:
                        for name in mechanism.linear_names}
             solved.append(prediction.solve_weight_ratios(part, budgets, self.config.min_weight_ratio))
         return {name: max(ratios[name] for ratios in solved) for name in solved[0]}
-
-    def _surprised(self, newest: prediction.Pool, total_sgd: float, mechanism: Mechanism) -> bool:
-        """Whether the newest calibration alone reads the ratios in force (those of the last
-        decision) above ``SURPRISE * tau_act``: the added variance moved since they were chosen."""
-        in_force = prediction.pooled_act_variance(newest, mechanism.above_positions, mechanism.ratios.act_list)
-        return in_force > SURPRISE * self.config.tau_act * total_sgd
 
     def state_dict(self) -> dict[str, Any]:
         return {"s": self.s, **self.memory.state_dict()}

@@ -169,15 +169,18 @@ def _fixed_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-class _CommonDraws:
-    """The fixed generator's draws, kept across evaluations: a bisection evaluates the same
-    passes a dozen times, each from a fresh :func:`_fixed_generator`, and which blocks draw
-    (those that sample at the evaluated ratios) decides which draws each block gets. So the
-    draws are kept by the shapes drawn before them in an evaluation, with the generator's state
-    after them; an evaluation gets exactly the draws a fresh generator would give, without
-    drawing (or sorting, for the strata) again."""
+class CommonDraws:
+    """The fixed generator's draws, kept across evaluations (and across decisions, when the
+    controller holds one): a bisection evaluates the same passes a dozen times, each from a
+    fresh :func:`_fixed_generator`, and which blocks draw (those that sample at the evaluated
+    ratios) decides which draws each block gets. So the draws are kept by the shapes drawn
+    before them in an evaluation, with the generator's state after them; an evaluation gets
+    exactly the draws a fresh generator would give, without drawing (or sorting, for the
+    strata) again. At most ``limit`` sequences are kept (batch sizes that vary would add new
+    ones without end); past it the cache starts over."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
         self.kept: dict[tuple[tuple[int, int, torch.dtype], ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def stream(self) -> Uniforms:
@@ -192,6 +195,8 @@ class _CommonDraws:
                 if drawn:
                     generator.set_state(self.kept[drawn][1])
                 values = _stratified_uniforms(draws, n, generator, dtype)
+                if len(self.kept) >= self.limit:
+                    self.kept = {drawn: self.kept[drawn]} if drawn else {}  # the prefix stays: it is in use
                 self.kept[key] = (values, generator.get_state())
             drawn = key
             return self.kept[key][0]
@@ -200,6 +205,9 @@ class _CommonDraws:
 
 
 Pool = Sequence[tuple[float, CalibrationStats]]
+# ``(act_variance, budget)``: a pool's predicted V_act as a function of the keep ratios, and
+# the most it may be.
+Constraint = tuple[Callable[[Sequence[float]], float], float]
 
 
 def pooled_sgd_variances(pool: Pool) -> dict[str, float]:
@@ -216,15 +224,26 @@ def pooled_block_norms(pool: Pool) -> list[list[torch.Tensor | None]]:
 def pooled_act_variance(pool: Pool, above: Sequence[int | None], ratios: Sequence[float]) -> float:
     """The weighted sum over calibrations of the total predicted V_act at ``ratios``
     (the sum over layers of :func:`act_variances`, computed per pass and block)."""
-    return _PooledExcess(pool).variance(above, ratios)
+    return PooledActVariance(pool, above)(ratios)
 
 
-class _PooledExcess:
-    """The pool's per-pass, per-block aggregated contributions, gathered once per solve and
-    stacked (pool weight folded in) per group of passes with the same blocks and sizes, so an
-    evaluation is a few tensor ops per group and block."""
+class PooledActVariance:
+    """:func:`pooled_act_variance` of one pool at any ratios, as a function of the ratios.
 
-    def __init__(self, pool: Pool) -> None:
+    The pool's per-pass, per-block aggregated contributions are gathered once and stacked (pool
+    weight folded in) per group of passes with the same blocks and sizes, so an evaluation is a
+    few tensor ops per group and block; each ratio vector is evaluated once (the bisection and
+    the decision's own reads of the same ratios share it).
+
+    Args:
+        pool: weighted calibrations.
+        above: per block position, the position of the block whose sampler the gradient
+            passes first (or None).
+        draws: the simulation's common draws, shared with other evaluators (a fresh cache if
+            None; the draws are the same either way).
+    """
+
+    def __init__(self, pool: Pool, above: Sequence[int | None], draws: CommonDraws | None = None) -> None:
         passes = [(weight, positions(norms, stats.blocks), positions(sums, stats.blocks))
                   for weight, stats in pool for norms, sums in stats.excess_weights()]
         self.groups = []
@@ -235,12 +254,20 @@ class _PooledExcess:
                                           for weight, _, sums in group])
                       for block, stacked in norms.items()}
             self.groups.append((norms, excess))
-        self.draws = _CommonDraws()
+        self.above = list(above)
+        self.draws = draws if draws is not None else CommonDraws()
+        self.evaluated: dict[tuple[float, ...], float] = {}
 
-    def variance(self, above: Sequence[int | None], ratios: Sequence[float]) -> float:
+    def __call__(self, ratios: Sequence[float]) -> float:
+        key = tuple(ratios)
+        if key not in self.evaluated:
+            self.evaluated[key] = self._variance(key)
+        return self.evaluated[key]
+
+    def _variance(self, ratios: Sequence[float]) -> float:
         total = 0.0
         for norms, excess in self.groups:
-            moments = _stacked_moments(norms, above, ratios, self.draws.stream())
+            moments = _stacked_moments(norms, self.above, ratios, self.draws.stream())
             for block, moment in moments.items():
                 total += float((_added_variance_factor(moment) * excess[block]).sum())
         return total
@@ -258,19 +285,25 @@ def solve_share(pool: Pool, above: Sequence[int | None], budget: float, iteratio
                 also: Sequence[tuple[Pool, float]] = (), dense_above: Sequence[float] | None = None) -> float:
     """The smallest s in [0, 1] whose schedule (from the pool's block norms) keeps the pool's
     predicted V_act within ``budget`` and, for each ``(pool, budget)`` in ``also``, that pool's
-    within its budget. Each constraint only loosens as s grows, so bisection finds the smallest
-    s meeting them all. With ``dense_above``, the schedule's ratios are rounded up to 1 where
+    within its budget. With ``dense_above``, the schedule's ratios are rounded up to 1 where
     they are above it (:func:`vcas.sampling.share_schedule`), as the decision applies them: the
     budget goes to the blocks where sampling saves work."""
-    norms = pooled_block_norms(pool)
-    if not norms:
+    draws = CommonDraws()
+    constraints = [(PooledActVariance(part, above, draws), limit) for part, limit in [(pool, budget), *also]]
+    return smallest_share(ShareSchedule(pooled_block_norms(pool), dense_above), constraints, iterations)
+
+
+def smallest_share(schedule: ShareSchedule, constraints: Sequence[Constraint], iterations: int = 10) -> float:
+    """The smallest s in [0, 1] (to ``2 ** -iterations``) whose ratios ``schedule(s)`` meet every
+    constraint (1 when the schedule has no batch of norms). Each constraint only loosens as s
+    grows, so bisection finds it; the constraints are tried in the order given and the first
+    one broken ends a trial (put the cheap first)."""
+    if not schedule.batches:
         return 1.0
-    schedule = ShareSchedule(norms, dense_above)
-    constraints = [(_PooledExcess(pool), budget)] + [(_PooledExcess(other), limit) for other, limit in also]
 
     def within(share: float) -> bool:
         ratios = schedule(share)
-        return all(excess.variance(above, ratios) <= limit for excess, limit in constraints)
+        return all(act_variance(ratios) <= limit for act_variance, limit in constraints)
 
     if within(0.0):
         return 0.0

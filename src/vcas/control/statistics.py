@@ -96,6 +96,8 @@ class CalibrationStats:
     _sorted_scores: dict[str, SortedScores] = dataclasses.field(default_factory=dict, init=False,
                                                                 repr=False, compare=False)
     _energy: float | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _excess: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False)
 
     @property
     def samples(self) -> int:
@@ -128,7 +130,13 @@ class CalibrationStats:
     def excess_weights(self) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
         """Per pass, its sampler norms and, per block, ``sum_l scale_l ||c_il||^2`` over the
         layers below that block's sampler: the total predicted V_act is then one dot product
-        per pass and block, ``sum_i (E[w_i^2] - 1) * excess_i`` (what the bisection evaluates)."""
+        per pass and block, ``sum_i (E[w_i^2] - 1) * excess_i`` (what the bisection evaluates).
+        Computed once, like :meth:`sgd_variances`; callers only read it."""
+        if self._excess is None:
+            self._excess = self._sum_excess_weights()
+        return self._excess
+
+    def _sum_excess_weights(self) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
         passes: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
         for name, records in self.layers.items():
             scale = self.scales[name]
