@@ -607,7 +607,8 @@ def test_the_pool_forgets_calibrations_older_than_the_window_and_beyond_the_memo
 
 
 def _scaled(stats, factor):
-    """``stats`` (not yet asked for its energy) as if every gradient were ``factor`` times as large."""
+    """``stats`` (not yet asked for its energy or excess weights) as if every gradient were
+    ``factor`` times as large."""
     for records in stats.layers.values():
         for record in records:
             record.squared_norms.mul_(factor ** 2)
@@ -698,27 +699,34 @@ class _ShiftedDraws(prediction.CommonDraws):
 
 
 def test_the_share_solve_tries_the_constraints_in_order_and_stops_at_the_first_broken():
-    stats = _synthetic_stats(7)
-    budget = TAU * sum(stats.sgd_variances().values())
-    schedule = ShareSchedule(prediction.pooled_block_norms([(1.0, stats)]))
+    """Two constraints that each break on their own (a pool and its newest calibration): the
+    second is tried only where the first held, and either order gives the s the solve finds."""
+    pool = [(0.8 ** (2 - age), _synthetic_stats(seed, noise=1.0)) for age, seed in enumerate((11, 12, 13))]
+    newest = pool[-1:]
+    budgets = [TAU * sum(prediction.pooled_sgd_variances(part).values()) for part in (pool, newest)]
+    schedule = ShareSchedule(prediction.pooled_block_norms(pool))
     calls = []
 
-    def counted(name, evaluate):
+    def counted(name, part):
+        evaluate = prediction.PooledActVariance(part, ABOVE)
+
         def variance(ratios):
             calls.append((name, evaluate(ratios)))
             return calls[-1][1]
         return variance
 
-    evaluate = prediction.PooledActVariance([(1.0, stats)], ABOVE)
-    tight = [(counted("tight", evaluate), budget / 4), (counted("loose", evaluate), budget)]
-    s = prediction.smallest_share(schedule, tight)
-    assert s == prediction.solve_share([(1.0, stats)], ABOVE, budget / 4)
+    constraints = [(counted("newest", newest), budgets[1]), (counted("pool", pool), budgets[0])]
+    s = prediction.smallest_share(schedule, constraints)
+    assert s == prediction.solve_share(pool, ABOVE, budgets[0], also=[(newest, budgets[1])])
     # Every trial (s = 0, then 10 halvings) tries the first; the second only after the first held.
-    held = [value <= budget / 4 for name, value in calls if name == "tight"]
+    held = [value <= budgets[1] for name, value in calls if name == "newest"]
     assert len(held) == 11 and 0 < sum(held) < 11
-    assert [name for name, _ in calls] == [n for h in held for n in (["tight", "loose"] if h else ["tight"])]
-    assert s == prediction.smallest_share(schedule, tight[::-1])
-    assert prediction.smallest_share(ShareSchedule([]), tight) == 1.0
+    assert [name for name, _ in calls] == [n for h in held for n in (["newest", "pool"] if h else ["newest"])]
+    # Each alone needs another s (neither is a formality); together they need the larger.
+    alone = [prediction.smallest_share(schedule, [constraint]) for constraint in constraints]
+    assert alone[0] != alone[1] and s == max(alone)
+    assert s == prediction.smallest_share(schedule, constraints[::-1])
+    assert prediction.smallest_share(ShareSchedule([]), constraints) == 1.0
 
 
 def test_auto_picks_adaptive_where_its_assumptions_hold_and_paper_elsewhere():

@@ -320,12 +320,13 @@ def share_schedule(block_norms: list[list[torch.Tensor | None]], share: float,
 
 class ShareSchedule:
     """:func:`share_schedule` of fixed norms at many shares, sorting each batch's norms once
-    (the adaptive controller's bisection evaluates a dozen shares per calibration)."""
+    (the adaptive controller's bisection evaluates a dozen shares per calibration).
+    ``n_batches``: the number of batches of norms it was given."""
 
     def __init__(self, block_norms: list[list[torch.Tensor | None]],
                  dense_above: Sequence[float] | None = None) -> None:
         n_blocks = len(block_norms[0]) if block_norms else 0
-        self.batches = len(block_norms)
+        self.n_batches = len(block_norms)
         self.dense_above = dense_above
         self.blocks = [[_RankedNorms(norms) for norms in (batch[block] for batch in block_norms)
                         if norms is not None]

@@ -138,12 +138,12 @@ class AdaptivePolicy:
         # Every bound holds for the pool and for the newest calibration alone (with one
         # calibration remembered the pool is the newest: its constraints would repeat).
         parts = [(pool, pooled_sgd)] + ([(newest, newest_sgd)] if len(pool) > 1 else [])
-        pooled_act = prediction.PooledActVariance(pool, above, self.draws)
-        newest_act = prediction.PooledActVariance(newest, above, self.draws) if len(pool) > 1 else pooled_act
+        # One evaluator per part, the newest first: one calibration, cheap to evaluate, and often
+        # the constraint a trial breaks (the pool's is then not evaluated).
+        constraints = [(prediction.PooledActVariance(part, above, self.draws), config.tau_act * sum(sgd.values()))
+                       for part, sgd in reversed(parts)]
+        newest_act, pooled_act = constraints[0][0], constraints[-1][0]
         surprised = newest_act(mechanism.ratios.act_list) > SURPRISE * config.tau_act * sum(newest_sgd.values())
-        # The newest calibration first: one pass, cheap, and often the one a trial breaks.
-        constraints = [(newest_act, config.tau_act * sum(newest_sgd.values()))] if len(pool) > 1 else []
-        constraints.append((pooled_act, config.tau_act * sum(pooled_sgd.values())))
         schedule = ShareSchedule(prediction.pooled_block_norms(pool), mechanism.dense_above)
         target = prediction.smallest_share(schedule, constraints)
         self.s = target if len(memory.history) == 1 else memory.move(previous_s, target)

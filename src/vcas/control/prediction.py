@@ -196,7 +196,7 @@ class CommonDraws:
                     generator.set_state(self.kept[drawn][1])
                 values = _stratified_uniforms(draws, n, generator, dtype)
                 if len(self.kept) >= self.limit:
-                    self.kept = {drawn: self.kept[drawn]} if drawn else {}  # the prefix stays: it is in use
+                    self.kept = {}  # the state after the prefix is read above: nothing else is needed
                 self.kept[key] = (values, generator.get_state())
             drawn = key
             return self.kept[key][0]
@@ -298,7 +298,7 @@ def smallest_share(schedule: ShareSchedule, constraints: Sequence[Constraint], i
     constraint (1 when the schedule has no batch of norms). Each constraint only loosens as s
     grows, so bisection finds it; the constraints are tried in the order given and the first
     one broken ends a trial (put the cheap first)."""
-    if not schedule.batches:
+    if not schedule.n_batches:
         return 1.0
 
     def within(share: float) -> bool:
