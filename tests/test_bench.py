@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 
 import pytest
 
@@ -40,3 +41,27 @@ def test_bench_refuses_bad_ratios_and_variants():
         main(["bench", "--ratios", "0,1.5"])
     with pytest.raises(SystemExit, match="variants"):
         main(["bench", "--variants", "fastest"])
+
+
+def test_bench_ratios_are_medians_of_the_ratios_within_each_round():
+    from torch import nn
+
+    from vcas_lab.bench.measure import Setting
+    from vcas_lab.bench.report import paired_median, summarize
+
+    # Round 2 ran on a slow machine for both; the medians of the times would pair round 2's
+    # exact time with round 1's vcas time (0.545), the rounds' own ratios say 0.5.
+    exact = Setting("exact", 1.0, nn.Identity(), forward_s=[1.0, 3.0, 1.1], backward_s=[1.0, 3.0, 1.1])
+    exact.backward_flops = 10.0
+    naive = Setting("naive", 0.5, nn.Identity(), forward_s=[1.0, 3.0, 1.1], backward_s=[0.9, 2.4, 1.0])
+    fast = Setting("vcas", 0.5, nn.Identity(), forward_s=[1.0, 3.0, 1.1], backward_s=[0.6, 1.5, 0.5])
+    naive.backward_flops = fast.backward_flops = 4.0
+    rows = {(r["variant"], r["ratio"]): r for r in summarize([exact, naive, fast])["rows"]}
+    vcas_row = rows["vcas", 0.5]
+    assert vcas_row["backward_time_vs_exact"] == pytest.approx(0.5)
+    assert vcas_row["backward_ms"] == pytest.approx(600.0)  # times stay medians
+    assert vcas_row["efficiency"] == pytest.approx(0.4 / 0.5)
+    assert vcas_row["speedup_vs_naive"] == pytest.approx(statistics.median([0.9 / 0.6, 2.4 / 1.5, 1.0 / 0.5]))
+    assert rows["exact", 1.0]["backward_time_vs_exact"] == 1.0
+    with pytest.raises(ValueError, match="one time per round"):
+        paired_median([1.0, 2.0], [1.0])

@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: naive,vcas)")
     parser.add_argument("--flop-draws", type=int, default=5,
                         help="sampled steps whose FLOPs are averaged per setting (default: 5)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds; medians are reported")
+    parser.add_argument("--repeats", type=int, default=9,
+                        help="timed rounds (default: 9); times are medians, ratios medians of per-round ratios")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per setting first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None,

@@ -10,33 +10,46 @@ from .measure import EXACT, FAST, FULL, NAIVE, Setting
 
 
 def summarize(settings: list[Setting]) -> dict[str, Any]:
-    """Medians and ratios against the exact setting measured in the same rounds."""
+    """Medians of the times, and each ratio as the median over rounds of the ratio within a
+    round: the settings of a round run back to back, so a drift of the machine that slows one
+    round slows both sides of its ratios."""
     exact = next(s for s in settings if s.variant == EXACT)
-    exact_fwd, exact_bwd = statistics.median(exact.forward_s), statistics.median(exact.backward_s)
     rows = []
     for s in settings:
-        fwd, bwd = statistics.median(s.forward_s), statistics.median(s.backward_s)
         flops = s.backward_flops / exact.backward_flops
-        rows.append({"variant": s.variant, "ratio": s.ratio, "forward_ms": 1e3 * fwd,
-                     "backward_ms": 1e3 * bwd, "backward_flops": s.backward_flops,
-                     "forward_flops": s.forward_flops,
-                     "backward_flops_vs_exact": flops, "backward_time_vs_exact": bwd / exact_bwd,
-                     "forward_time_vs_exact": fwd / exact_fwd,
-                     "efficiency": flops * exact_bwd / bwd,
+        backward_ratio = paired_median(s.backward_s, exact.backward_s)
+        rows.append({"variant": s.variant, "ratio": s.ratio,
+                     "forward_ms": 1e3 * statistics.median(s.forward_s),
+                     "backward_ms": 1e3 * statistics.median(s.backward_s),
+                     "backward_flops": s.backward_flops, "forward_flops": s.forward_flops,
+                     "backward_flops_vs_exact": flops, "backward_time_vs_exact": backward_ratio,
+                     "forward_time_vs_exact": paired_median(s.forward_s, exact.forward_s),
+                     "efficiency": flops / backward_ratio,
                      "memory_mb": s.memory_bytes / 2**20})
+    by_setting = {(s.variant, s.ratio): s for s in settings}
     for row in rows:
-        naive = next((r for r in rows if r["variant"] == NAIVE and r["ratio"] == row["ratio"]), None)
+        naive = by_setting.get((NAIVE, row["ratio"]))
         if row["variant"] in (FAST, FULL) and naive is not None:
-            row["speedup_vs_naive"] = naive["backward_ms"] / row["backward_ms"]
+            mine = by_setting[row["variant"], row["ratio"]]
+            row["speedup_vs_naive"] = paired_median(naive.backward_s, mine.backward_s)
     at_one = next((r for r in rows if r["variant"] == FAST and r["ratio"] == 1.0), None)
     overhead = None if at_one is None else {
         "backward": at_one["backward_time_vs_exact"] - 1, "forward": at_one["forward_time_vs_exact"] - 1}
     return {"rows": rows, "overhead_at_ratio_1": overhead}
 
 
+def paired_median(times: list[float], references: list[float]) -> float:
+    """The median over rounds of ``times[i] / references[i]`` (both timed in round ``i``)."""
+    if len(times) != len(references) or not times:
+        raise ValueError(f"paired_median needs one time per round on both sides, got "
+                         f"{len(times)} and {len(references)}")
+    return statistics.median(t / r for t, r in zip(times, references))
+
+
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['workload']} ({result['device']}, {result['dtype']}, "
-             f"{result['threads']} threads, medians of {result['repeats']} rounds)", "",
+             f"{result['threads']} threads, {result['repeats']} rounds: times are medians, ratios "
+             "medians of the ratios within a round)", "",
              "| variant | act = weight | bwd FLOPs / exact | bwd time / exact | efficiency "
              "| vs naive | fwd ms | bwd ms | fwd / exact | activation MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
