@@ -5,7 +5,9 @@
 For every VCAS run of each report (a run trained in lockstep with exact training on the same
 batches) it prints the sampling-only reduction of training FLOPs, the time ratio to exact, the
 conversion (time saved / FLOPs saved), the time-ratio target ``1 - 0.5 x FLOPs saved``, and the
-loss and metric against exact's; then the median conversion over seeds, per report.
+final train loss, the held-out loss and the metric against exact's; then, per report, the median
+conversion over seeds and the quality over seeds: the mean losses against exact's (the target:
+at most 10 % above) and, for accuracy, the mean accuracy against exact's (at most 1 point below).
 """
 
 from __future__ import annotations
@@ -28,14 +30,38 @@ def rows(report: dict) -> list[dict]:
             "method": run["method"], "seed": run["seed"], "saved": saved, "total": run["train_flops_reduction"],
             "time_ratio": run["time_ratio"], "conversion": (1 - run["time_ratio"]) / saved if saved > 0 else None,
             "target": 1 - 0.5 * saved, "loss": run["final_train_loss"], "exact_loss": base["final_train_loss"],
+            "held_out": run.get("eval_eval_loss"), "exact_held_out": base.get("eval_eval_loss"),
             "metric": run["metric"], "exact_metric": base["metric"]})
     return found
 
 
+def _pair(value: float | None, exact: float | None) -> str:
+    return "-" if value is None or exact is None else f"{value:.4f} ({exact:.4f})"
+
+
+def quality(found: list[dict], metric: str) -> str:
+    """The runs' mean losses and metric against exact's, with the issue's targets."""
+    def change(key: str) -> str:
+        pairs = [(r[key], r[f"exact_{key}"]) for r in found if r[key] is not None and r[f"exact_{key}"] is not None]
+        if not pairs:
+            return "-"
+        mine, exact = (statistics.fmean(side) for side in zip(*pairs))
+        relative = mine / exact - 1
+        return f"{relative:+.1%} ({'met' if relative <= 0.10 else 'not met'}: at most +10 %)"
+
+    parts = [f"final train loss {change('loss')}", f"held-out loss {change('held_out')}"]
+    gap = statistics.fmean(r["metric"] for r in found) - statistics.fmean(r["exact_metric"] for r in found)
+    if metric == "accuracy":
+        parts.append(f"accuracy {100 * gap:+.2f} points ({'met' if gap >= -0.01 else 'not met'}: at least -1 point)")
+    else:
+        parts.append(f"{metric} {gap:+.4g}")
+    return "against exact, means over seeds: " + ", ".join(parts)
+
+
 def main(folders: list[str]) -> None:
     print("| task | method | seed | train FLOPs saved by sampling (total) | time / exact | conversion "
-          "| target time ratio | met | final loss (exact) | metric (exact) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| target time ratio | met | final train loss (exact) | held-out loss (exact) | metric (exact) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     medians = []
     for folder in folders:
         report = json.loads((Path(folder) / "report.json").read_text())
@@ -47,11 +73,12 @@ def main(folders: list[str]) -> None:
             print(f"| {report['task']} | {r['method']} | {r['seed']} | {r['saved']:.1%} ({r['total']:.1%}) "
                   f"| {r['time_ratio']:.3f} | {conversion} | {r['target']:.3f} "
                   f"| {'yes' if r['time_ratio'] <= r['target'] else 'no'} "
-                  f"| {r['loss']:.4f} ({r['exact_loss']:.4f}) | {r['metric']:.4f} ({r['exact_metric']:.4f}) |")
+                  f"| {r['loss']:.4f} ({r['exact_loss']:.4f}) | {_pair(r['held_out'], r['exact_held_out'])} "
+                  f"| {r['metric']:.4f} ({r['exact_metric']:.4f}) |")
         conversions = [r["conversion"] for r in found if r["conversion"] is not None]
         if conversions:
             medians.append(f"{report['task']}: median conversion {statistics.median(conversions):.2f} "
-                           f"over {len(conversions)} run(s)")
+                           f"over {len(conversions)} run(s); {quality(found, report['metric'])}")
     print()
     for line in medians:
         print(line)

@@ -36,18 +36,23 @@ def test_controller_cost_times_the_decisions():
 
 
 def test_conversion_reads_a_report_and_computes_the_share_that_reached_the_clock(tmp_path):
-    def run(method, seed, seconds_ratio, saved, loss):
+    def run(method, seed, seconds_ratio, saved, loss, held_out, accuracy):
         return {"method": method, "seed": seed, "time_ratio": seconds_ratio, "final_train_loss": loss,
-                "metric": 0.9, "sampling_train_flops_reduction": saved, "train_flops_reduction": saved + 0.05}
-    report = {"task": "toy", "lockstep": True, "runs": [
-        run("exact", 0, 1.0, 0.0, 0.5), run("vcas", 0, 0.75, 0.5, 0.52),
-        run("exact", 1, 1.0, 0.0, 0.5), run("vcas", 1, 0.9, 0.5, 0.5)]}
+                "eval_eval_loss": held_out, "metric": accuracy,
+                "sampling_train_flops_reduction": saved, "train_flops_reduction": saved + 0.05}
+    report = {"task": "toy", "metric": "accuracy", "lockstep": True, "runs": [
+        run("exact", 0, 1.0, 0.0, 0.5, 0.4, 0.90), run("vcas", 0, 0.75, 0.5, 0.52, 0.5, 0.89),
+        run("exact", 1, 1.0, 0.0, 0.5, 0.4, 0.90), run("vcas", 1, 0.9, 0.5, 0.5, 0.42, 0.90)]}
     (tmp_path / "report.json").write_text(json.dumps(report))
     printed = _run("conversion.py", str(tmp_path))
     # seed 0: (1 - 0.75) / 0.5 = 0.50, target 0.75: met; seed 1: 0.20, not met; median 0.35
-    assert re.search(r"\| toy \| vcas \| 0 \| 50\.0% \(55\.0%\) \| 0\.750 \| 0\.50 \| 0\.750 \| yes \|", printed)
+    assert re.search(r"\| toy \| vcas \| 0 \| 50\.0% \(55\.0%\) \| 0\.750 \| 0\.50 \| 0\.750 \| yes \| "
+                     r"0\.5200 \(0\.5000\) \| 0\.5000 \(0\.4000\) \| 0\.8900 \(0\.9000\) \|", printed)
     assert re.search(r"\| toy \| vcas \| 1 \| 50\.0% \(55\.0%\) \| 0\.900 \| 0\.20 \| 0\.750 \| no \|", printed)
-    assert "toy: median conversion 0.35 over 2 run(s)" in printed
+    # means: train loss 0.51 vs 0.5 (+2 %), held-out 0.46 vs 0.4 (+15 %), accuracy 0.895 vs 0.9
+    assert ("toy: median conversion 0.35 over 2 run(s); against exact, means over seeds: "
+            "final train loss +2.0% (met: at most +10 %), held-out loss +15.0% (not met: at most +10 %), "
+            "accuracy -0.50 points (met: at least -1 point)") in printed
 
 
 def test_time_budget_pairs_the_steps_and_splits_calibration_from_sampled_backwards(tmp_path):
