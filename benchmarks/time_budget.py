@@ -14,8 +14,9 @@ whose FLOPs were counted:
   took exact's time, the conversions that ceiling would give (of the FLOPs saved by sampling, and
   of those saved in all: the ceiling includes the free zero-row skipping), and how far each of
   vcas's phases lies above it;
-- the run in quarters: the time ratio, the backward time ratio and the mean keep ratios in each,
-  which shows how much of the run the variance bound keeps near exact training.
+- the run in quarters: the time ratio, the backward time ratio, the mean keep ratios and the mean
+  training loss against exact's on the same batches in each, which shows how much of the run the
+  variance bound keeps near exact training, and when a gap in the loss opens.
 """
 
 from __future__ import annotations
@@ -122,9 +123,16 @@ def ceiling_lines(pairs: list) -> list[str]:
     return lines
 
 
+def _loss_ratio(vcas_steps: list[dict], exact_steps: list[dict]) -> str:
+    """The mean training loss of the steps against exact's ("-" where the log has no losses)."""
+    if not all(r.get("loss") for r in vcas_steps + exact_steps):
+        return "-"
+    return _ratio(sum(float(r["loss"]) for r in vcas_steps), sum(float(r["loss"]) for r in exact_steps))
+
+
 def quarter_table(pairs: list) -> list[str]:
     lines = ["| run | steps | time ratio | backward time ratio | mean activation keep ratio "
-             "| mean weight keep ratio | calibrations |", "|---|---|---|---|---|---|---|"]
+             "| mean weight keep ratio | calibrations | train loss / exact's |", "|---|---|---|---|---|---|---|---|"]
     for run, vcas_steps, exact_steps in pairs:
         n = len(vcas_steps)
         for q in range(4):
@@ -141,7 +149,7 @@ def quarter_table(pairs: list) -> list[str]:
             calibrations = sum(r["calibrating"] == "1" for r in v)
             lines.append(f"| {run['method']} seed {run['seed']} | {v[0]['step']}-{v[-1]['step']} "
                          f"| {_ratio(time_v, time_e)} | {_ratio(back_v, back_e)} "
-                         f"| {act:.3f} | {weight:.3f} | {calibrations} |")
+                         f"| {act:.3f} | {weight:.3f} | {calibrations} | {_loss_ratio(v, e)} |")
     return lines
 
 

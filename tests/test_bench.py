@@ -49,8 +49,8 @@ def test_bench_ratios_are_medians_of_the_ratios_within_each_round():
     from vcas_lab.bench.measure import Setting
     from vcas_lab.bench.report import paired_median, summarize
 
-    # Round 2 ran on a slow machine for both; the medians of the times would pair round 2's
-    # exact time with round 1's vcas time (0.545), the rounds' own ratios say 0.5.
+    # Round 2 ran on a slow machine for both; the medians of the times would pair round 3's
+    # exact time (1.1) with round 1's vcas time (0.6): 0.545; the rounds' own ratios say 0.5.
     exact = Setting("exact", 1.0, nn.Identity(), forward_s=[1.0, 3.0, 1.1], backward_s=[1.0, 3.0, 1.1])
     exact.backward_flops = 10.0
     naive = Setting("naive", 0.5, nn.Identity(), forward_s=[1.0, 3.0, 1.1], backward_s=[0.9, 2.4, 1.0])
@@ -65,3 +65,7 @@ def test_bench_ratios_are_medians_of_the_ratios_within_each_round():
     assert rows["exact", 1.0]["backward_time_vs_exact"] == 1.0
     with pytest.raises(ValueError, match="one time per round"):
         paired_median([1.0, 2.0], [1.0])
+    # An even count: the geometric middle, so inverse ratios give the inverse median.
+    times, references = [1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0]
+    assert paired_median(times, references) == pytest.approx(math.sqrt(1.0 * 1.5))
+    assert paired_median(references, times) * paired_median(times, references) == pytest.approx(1.0)

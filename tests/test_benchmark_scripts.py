@@ -40,33 +40,41 @@ def test_conversion_reads_a_report_and_computes_the_share_that_reached_the_clock
         return {"method": method, "seed": seed, "time_ratio": seconds_ratio, "final_train_loss": loss,
                 "eval_eval_loss": held_out, "metric": accuracy,
                 "sampling_train_flops_reduction": saved, "train_flops_reduction": saved + 0.05}
-    report = {"task": "toy", "metric": "accuracy", "lockstep": True, "runs": [
-        run("exact", 0, 1.0, 0.0, 0.5, 0.4, 0.90), run("vcas", 0, 0.75, 0.5, 0.52, 0.5, 0.89),
-        run("exact", 1, 1.0, 0.0, 0.5, 0.4, 0.90), run("vcas", 1, 0.9, 0.5, 0.5, 0.42, 0.90)]}
-    (tmp_path / "report.json").write_text(json.dumps(report))
-    printed = _run("conversion.py", str(tmp_path))
+    # Seeds 0 and 1 of one task in two reports (run apart): pooled in the task's summary.
+    for seed, vcas_run in ((0, run("vcas", 0, 0.75, 0.5, 0.52, 0.5, 0.89)),
+                           (1, run("vcas", 1, 0.9, 0.5, 0.5, 0.42, 0.90))):
+        report = {"task": "toy", "metric": "accuracy", "lockstep": True,
+                  "runs": [run("exact", seed, 1.0, 0.0, 0.5, 0.4, 0.90), vcas_run]}
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "report.json").write_text(json.dumps(report))
+    printed = _run("conversion.py", str(tmp_path / "seed0"), str(tmp_path / "seed1"))
     # seed 0: (1 - 0.75) / 0.5 = 0.50, target 0.75: met; seed 1: 0.20, not met; median 0.35
     assert re.search(r"\| toy \| vcas \| 0 \| 50\.0% \(55\.0%\) \| 0\.750 \| 0\.50 \| 0\.750 \| yes \| "
                      r"0\.5200 \(0\.5000\) \| 0\.5000 \(0\.4000\) \| 0\.8900 \(0\.9000\) \|", printed)
     assert re.search(r"\| toy \| vcas \| 1 \| 50\.0% \(55\.0%\) \| 0\.900 \| 0\.20 \| 0\.750 \| no \|", printed)
     # means: train loss 0.51 vs 0.5 (+2 %), held-out 0.46 vs 0.4 (+15 %), accuracy 0.895 vs 0.9
-    assert ("toy: median conversion 0.35 over 2 run(s); against exact, means over seeds: "
+    assert ("toy: median conversion 0.35 over 2 run(s); against exact, means over 2 seeds (point estimates): "
             "final train loss +2.0% (met: at most +10 %), held-out loss +15.0% (not met: at most +10 %), "
             "accuracy -0.50 points (met: at least -1 point)") in printed
+
+    # The same seed twice is refused, not counted twice.
+    again = subprocess.run([sys.executable, str(BENCHMARKS / "conversion.py"), str(tmp_path / "seed0"),
+                            str(tmp_path / "seed0")], capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "seed(s) [0] already come from" in again.stderr
 
 
 def test_time_budget_pairs_the_steps_and_splits_calibration_from_sampled_backwards(tmp_path):
     columns = "method,seed,step,calibrating,act_ratio,weight_ratio,forward_seconds,backward_seconds," \
-              "optimizer_seconds,controller_seconds"
+              "optimizer_seconds,controller_seconds,loss"
     lines = [columns]
     for seed, slower in ((0, 1.0), (1, 2.0)):  # seed 1: every time doubled, on both sides
         for step in range(1, 9):
             calibrating = step in (1, 5)
             act = 1.0 if step <= 2 else 0.5
-            lines.append(f"exact,{seed},{step},0,,,{1.0 * slower},{2.0 * slower},{0.5 * slower},")
+            lines.append(f"exact,{seed},{step},0,,,{1.0 * slower},{2.0 * slower},{0.5 * slower},,1.0")
             lines.append(f"vcas,{seed},{step},{int(calibrating)},{act},0.25,{1.0 * slower},"
                          f"{(1.5 if calibrating else 1.0) * slower},{0.5 * slower},"
-                         f"{0.25 * slower if calibrating else 0.0}")
+                         f"{0.25 * slower if calibrating else 0.0},{1.0 if step <= 3 else 1.2}")
     (tmp_path / "steps.csv").write_text("\n".join(lines) + "\n")
 
     def vcas(seed, saved):
@@ -91,9 +99,10 @@ def test_time_budget_pairs_the_steps_and_splits_calibration_from_sampled_backwar
     # above the ceiling: backward 24 s spent against 42 x 0.4 = 16.8; controller 1.5 s
     assert "forward +0.0 s, backward +7.2 s, optimizer +0.0 s, controller +1.5 s (total +8.7 s)" in printed
     # quarters of 7 paired steps: 1, 2-3, 4-5, 6-7
-    assert "| vcas seed 0 | 1-1 | 0.929 | 0.750 | 1.000 | 0.250 | 1 |" in printed
-    assert "| vcas seed 0 | 2-3 | 0.714 | 0.500 | 0.750 | 0.250 | 0 |" in printed
-    assert "| vcas seed 1 | 4-5 | 0.821 | 0.625 | 0.500 | 0.250 | 1 |" in printed
+    # (the last column: training loss against exact's, 1.2 from step 4 on)
+    assert "| vcas seed 0 | 1-1 | 0.929 | 0.750 | 1.000 | 0.250 | 1 | 1.000 |" in printed
+    assert "| vcas seed 0 | 2-3 | 0.714 | 0.500 | 0.750 | 0.250 | 0 | 1.000 |" in printed
+    assert "| vcas seed 1 | 4-5 | 0.821 | 0.625 | 0.500 | 0.250 | 1 | 1.200 |" in printed
 
 
 def test_results_table_prints_one_row_per_report_with_the_checks(tmp_path):
@@ -125,3 +134,27 @@ def test_dropout_replay_prints_a_row_per_shape():
     printed = _run("dropout_replay.py", "1")
     assert len(re.findall(r"^\| (attention probabilities|hidden states) \([\d, ]+\)( \| [\d.]+){5} \|$",
                           printed, flags=re.MULTILINE)) == 2
+
+
+@needs_mnist
+def test_gradient_checks_print_every_group_for_bias_and_added_variance():
+    printed = _run("gradient_checks.py", "bias", "--steps", "2", "--act", "0.5", "--draws", "4", "--trials", "3")
+    assert len(re.findall(r"trial \d: <mean_A - g, mean_B - g> / noise level [+-][\d.]+", printed)) == 3
+    for group in ("measured", "embeddings", "normalisation", "biases", "all"):
+        assert re.search(rf"{group} +[+-][\d.]+ \+- [\d.]+ \(t = [+-][\d.]+\)", printed), group
+    assert "other linear" not in printed  # the head lies above every sampler: nothing to test
+    assert re.search(r"a bias of [\d.]+% of \|\|g\|\| would read 2 standard errors above 0 on average "
+                     r"\(detected about half the time\); [\d.]+% would be detected 95 % of the time", printed)
+    printed = _run("gradient_checks.py", "groups", "--steps", "2", "--act", "0.5", "--batches", "4", "--draws", "1")
+    rows = dict(re.findall(r"(\S[\w ]*\S) +V_sgd [\d.e+-]+  V_added ([\d.e+-]+)  V_added / V_sgd", printed))
+    assert set(rows) >= {"measured", "other linear", "embeddings", "normalisation", "biases", "all"}
+    assert float(rows["other linear"]) == 0.0  # the classifier: exact gradient on every draw
+    assert float(rows["measured"]) > 0.0
+    assert re.search(r"measured +V_sgd \S+  V_added \S+  V_added / V_sgd [\d.]+ \+- [\d.]+", printed)
+
+
+def test_gradient_checks_refuse_settings_that_test_nothing():
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "gradient_checks.py"), "bias", "--act", "1",
+                             "--draws", "3"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert "--act must be in (0, 1)" in result.stderr and "--draws must be even" in result.stderr

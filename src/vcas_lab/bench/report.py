@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,15 @@ def summarize(settings: list[Setting]) -> dict[str, Any]:
 
 
 def paired_median(times: list[float], references: list[float]) -> float:
-    """The median over rounds of ``times[i] / references[i]`` (both timed in round ``i``)."""
+    """The median over rounds of ``times[i] / references[i]`` (both timed in round ``i``); with
+    an even count, the geometric mean of the middle two, so that the median of the inverse
+    ratios is the inverse of this one."""
     if len(times) != len(references) or not times:
         raise ValueError(f"paired_median needs one time per round on both sides, got "
                          f"{len(times)} and {len(references)}")
-    return statistics.median(t / r for t, r in zip(times, references))
+    ratios = sorted(t / r for t, r in zip(times, references))
+    middle = len(ratios) // 2
+    return ratios[middle] if len(ratios) % 2 else math.sqrt(ratios[middle - 1] * ratios[middle])
 
 
 def format_table(result: dict[str, Any]) -> str:
