@@ -89,6 +89,19 @@ def test_a_sampled_training_step_reads_nothing_back_to_the_host(name):
     assert ctl.stats()["sampling_bp_flops_reduction"] > 0  # read afterwards
 
 
+
+@pytest.mark.parametrize("name", ["transformer-compact", "cnn-frozen-batchnorm"])
+def test_blocks_at_low_ratios_are_verified_and_recompute_compactly(name):
+    """Inside a compact re-run every sample is a kept one: the sampled layers there reserve room
+    for all of them. Room for only the block's keep ratio of them would thin the rows at random,
+    and the verification would then read the block as mixing samples and refuse it."""
+    model, ctl, batch_of = _attached(name)
+    ctl.set_ratios(act=0.4, weight=0.4)
+    for seed in range(4):  # the verifying uses, on batches large enough to keep about 26 samples
+        inputs, labels = batch_of(n=64, seed=seed)
+        F.cross_entropy(model(inputs), labels).backward()
+    assert set(ctl.compact_status().values()) == {"compact"}
+
 def test_an_adaptive_calibration_step_reads_nothing_back_to_the_host_either():
     model, ctl, batch_of = _attached("transformer-full")
     assert ctl.calibrating  # the first step records

@@ -135,11 +135,14 @@ def sampled_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     input, weight, bias = autocast_inputs(input, weight, bias)
     geometry = (stride, padding, dilation, groups)
 
-    def graph(recorded: torch.Tensor | None = None) -> torch.Tensor:
-        with torch.autocast(input.device.type, enabled=False):
-            return _SampledConvFunction.apply(input, weight, bias, geometry, site, recorded)
-
     replay = site.runtime.replay
+
+    def graph(recorded: torch.Tensor | None = None) -> torch.Tensor:
+        # In a compact re-run every sample is a kept one: the sync-free path reserves room for all.
+        every_sample_kept = replay is not None and replay.compact  # type: ignore[attr-defined]
+        with torch.autocast(input.device.type, enabled=False):
+            return _SampledConvFunction.apply(input, weight, bias, geometry, site, recorded, every_sample_kept)
+
     if replay is None:
         return graph()
 
@@ -171,10 +174,12 @@ def conv_flops(output_shape: Sequence[int], weight: torch.Tensor) -> float:
 class _SampledConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                geometry: tuple, site: ConvSite, recorded: torch.Tensor | None) -> torch.Tensor:
+                geometry: tuple, site: ConvSite, recorded: torch.Tensor | None,
+                every_sample_kept: bool) -> torch.Tensor:
         out = _convolution(x, weight, bias, geometry) if recorded is None else recorded
         ctx.save_for_backward(x, weight)
         ctx.geometry, ctx.site, ctx.has_bias = geometry, site, bias is not None
+        ctx.every_sample_kept = every_sample_kept
         ctx.per_sample = conv_flops(out.shape[1:], weight)
         if recorded is None:
             site.runtime.count_forward(ctx.per_sample * out.shape[0])
@@ -189,8 +194,9 @@ class _SampledConvFunction(torch.autograd.Function):
         factor = None
         rows: torch.Tensor | None
         if site.runtime.syncless(grad_out.device):  # room reserved for the kept samples
-            rows, factor = site.runtime.draws.select(per_sample_norms(grad_out) != 0,
-                                                     site.reserved_samples(grad_out.shape[0]))
+            samples = grad_out.shape[0]
+            room = samples if ctx.every_sample_kept else site.reserved_samples(samples)
+            rows, factor = site.runtime.draws.select(per_sample_norms(grad_out) != 0, room)
         else:
             rows = nonzero_indices(per_sample_norms(grad_out), site.runtime)
         n_rows = grad_out.shape[0] if rows is None else rows.numel()
@@ -217,7 +223,7 @@ class _SampledConvFunction(torch.autograd.Function):
         site.runtime.count_backward(flops)
         if need_w and site.records_samples():
             site.record_samples(grad_out, x, weight, ctx.geometry, ctx.per_sample)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _convolution_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geometry: tuple,

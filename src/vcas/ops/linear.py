@@ -97,19 +97,22 @@ class LinearSite:
             shape = x.shape[:-1] + (self.out_features,)
             return replay.layer_output(  # type: ignore[attr-defined]
                 lambda: self.original_forward(x), lambda out: flops, x.shape[0] if x.dim() else 1,
-                shape, lambda recorded: self.sampled(x, recorded))
+                shape, lambda recorded: self.sampled(x, recorded, every_sample_kept=replay.compact))  # type: ignore[attr-defined]
         if not torch.is_grad_enabled():
             return self.original_forward(x)
         return self.sampled(x)
 
-    def sampled(self, x: torch.Tensor, recorded: torch.Tensor | None = None) -> torch.Tensor:
+    def sampled(self, x: torch.Tensor, recorded: torch.Tensor | None = None,
+                every_sample_kept: bool = False) -> torch.Tensor:
         """``F.linear`` whose backward skips zero rows and samples the weight-gradient rows.
 
-        ``recorded``: the output, already computed (by a compact block's forward) for this input."""
+        ``recorded``: the output, already computed (by a compact block's forward) for this input.
+        ``every_sample_kept``: the input holds only samples a block kept (a compact re-run), so
+        the sync-free path reserves room for all of them, not for the block's keep ratio of them."""
         weight = self.weight.t() if self.layout.transposed else self.weight
         x, weight, bias = autocast_inputs(x, weight, self.layout.bias(self.module))
         with torch.autocast(x.device.type, enabled=False):
-            return _SampledLinearFunction.apply(x, weight, bias, self, recorded)
+            return _SampledLinearFunction.apply(x, weight, bias, self, recorded, every_sample_kept)
 
     # ------------------------------------------------------------------ backward decisions
     def samples_weight(self) -> bool:
@@ -167,13 +170,14 @@ def _samples(x: torch.Tensor) -> int:
 class _SampledLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                site: LinearSite, recorded: torch.Tensor | None) -> torch.Tensor:
+                site: LinearSite, recorded: torch.Tensor | None, every_sample_kept: bool) -> torch.Tensor:
         needs_weight_grad = ctx.needs_input_grad[1]
         # A frozen weight needs no weight gradient: the input is not kept for one.
         ctx.save_for_backward(x if needs_weight_grad else None, weight)
         ctx.site = site
         ctx.has_bias = bias is not None
         ctx.input_shape, ctx.samples = x.shape, _samples(x)
+        ctx.every_sample_kept = every_sample_kept
         # The input's row norms for SampleW's scores, taken while the input is still in cache
         # (in the backward it is read cold: twice the time on a CPU).
         sampled = needs_weight_grad and site.samples_weight()
@@ -292,7 +296,8 @@ def _backward_without_sync(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tens
     row_norms = _row_norms(gy)
     nonzero = row_norms != 0  # non-finite rows count as non-zero: they pass exactly
     samples = ctx.samples
-    reserved = min(n_rows, site.reserved_samples(samples) * (n_rows // samples if n_rows % samples == 0 else 1))
+    room = samples if ctx.every_sample_kept else site.reserved_samples(samples)
+    reserved = min(n_rows, room * (n_rows // samples if n_rows % samples == 0 else 1))
     if reserved > runtime.gather_below * n_rows:
         rows, g_rows, reserved = None, gy, n_rows
     else:
@@ -323,7 +328,7 @@ def _finish(ctx: Any, site: LinearSite, flops: FlopBucket, g_rows: torch.Tensor,
     site.runtime.count_backward(flops)
     if need_w and site.records_samples():
         site.record_samples(grad_out, x)
-    return grad_x, grad_w, grad_b, None, None
+    return grad_x, grad_w, grad_b, None, None, None
 
 
 def _weight_grad_without_sync(g_rows: torch.Tensor, x_rows: torch.Tensor, rows: torch.Tensor | None,

@@ -117,6 +117,11 @@ class ForwardReplay(TorchFunctionMode):
     def recording(self) -> bool:
         return self.layers is Layers.RECORD
 
+    @property
+    def compact(self) -> bool:
+        """Whether a re-run holds only the kept samples (each with a non-zero gradient)."""
+        return self.layers is not Layers.RECORD and self._kept is not None
+
     def rerun(self, kept: torch.Tensor | None, batch: int, layers: Layers = Layers.REPLAY) -> ForwardReplay:
         """Replay the recordings for the samples ``kept`` (None: all) of a batch of ``batch``."""
         self.layers, self._kept, self._batch, self._positions = layers, kept, batch, [0, 0]
