@@ -28,7 +28,6 @@ from ..runtime.mode import CALIBRATION
 from ..runtime.runtime import Runtime
 from .activation import nonzero_indices, per_sample_norms
 from .autocast import autocast_inputs
-from .capacity import capacity
 from .records import FlatProbe
 
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -66,13 +65,6 @@ class ConvSite:
     @property
     def weight(self) -> torch.Tensor:
         return cast(torch.Tensor, self.module.weight)
-
-    def reserved_samples(self, samples: int) -> int:
-        """Room the sync-free path reserves (see :meth:`vcas.ops.linear.LinearSite.reserved_samples`)."""
-        runtime = self.runtime
-        if self.block is None or not runtime.mode.sample_acts:
-            return samples
-        return capacity(runtime.ratios.act[self.block] * samples, samples)
 
     def records_samples(self) -> bool:
         return self.runtime.mode.record_samples and self.name in self.runtime.recorder.probes
@@ -194,8 +186,7 @@ class _SampledConvFunction(torch.autograd.Function):
         factor = None
         rows: torch.Tensor | None
         if site.runtime.syncless(grad_out.device):  # room reserved for the kept samples
-            samples = grad_out.shape[0]
-            room = samples if ctx.every_sample_kept else site.reserved_samples(samples)
+            room = site.runtime.reserved_samples(site.block, grad_out.shape[0], ctx.every_sample_kept)
             rows, factor = site.runtime.draws.select(per_sample_norms(grad_out) != 0, room)
         else:
             rows = nonzero_indices(per_sample_norms(grad_out), site.runtime)

@@ -134,14 +134,6 @@ class LinearSite:
         extra = FlopBucket(backward_done=sketch_flops(_rows(x), sketch, contributions.shape[1]))
         self.runtime.tally.bucket(CALIBRATION).add(extra)
 
-    def reserved_samples(self, samples: int) -> int:
-        """How many samples the sync-free path reserves room for: every one outside the blocks
-        or without activation sampling, else the kept count's bound at this block's ratio."""
-        runtime = self.runtime
-        if self.block is None or not runtime.mode.sample_acts:
-            return samples
-        return capacity(runtime.ratios.act[self.block] * samples, samples)
-
     def nonzero_reference(self, row_norms: torch.Tensor, n_nonzero: int, samples: int) -> float:
         """Rows an exact backward that skips zero rows would have computed: the non-zero rows,
         with every sample that reaches no row here (dropped above) counted at the mean density
@@ -296,7 +288,7 @@ def _backward_without_sync(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tens
     row_norms = _row_norms(gy)
     nonzero = row_norms != 0  # non-finite rows count as non-zero: they pass exactly
     samples = ctx.samples
-    room = samples if ctx.every_sample_kept else site.reserved_samples(samples)
+    room = runtime.reserved_samples(site.block, samples, ctx.every_sample_kept)
     reserved = min(n_rows, room * (n_rows // samples if n_rows % samples == 0 else 1))
     if reserved > runtime.gather_below * n_rows:
         rows, g_rows, reserved = None, gy, n_rows

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from ..accounting import FlopBucket, FlopTally
+from ..ops.capacity import capacity
 from .mode import SAMPLING, Mode
 from .ratios import RatioTable
 from .recorder import Recorder
@@ -120,6 +121,14 @@ class Runtime:
     def syncless(self, device: torch.device) -> bool:
         """Whether ops on ``device`` take the sync-free path."""
         return device.type == "cuda" if self.sync_free is None else self.sync_free
+
+    def reserved_samples(self, block: str | None, samples: int, every_sample_kept: bool = False) -> int:
+        """How many of ``samples`` the sync-free path reserves room for at a sampled layer in
+        ``block``: every one outside the blocks, without activation sampling, or when the input
+        holds only kept samples (a compact re-run), else the kept count's bound at the block's ratio."""
+        if every_sample_kept or block is None or not self.mode.sample_acts:
+            return samples
+        return capacity(self.ratios.act[block] * samples, samples)
 
     # ------------------------------------------------------------------ shared input norms
     def input_row_norms(self, x: torch.Tensor) -> torch.Tensor:
