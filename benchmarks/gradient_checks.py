@@ -18,7 +18,10 @@ average (detected about half the time) and the one detected 95 % of the time.
 batch's exact gradient) against the SGD variance (``||g_1 - g_2||^2 / 2`` over pairs of batches),
 per parameter group, with standard errors over the pairs: the weights the controller measures
 (its bound is on them, at the ratios it picks), the other linear weights (a head above every
-sampler gets the exact gradient), embeddings, biases and normalisation.
+sampler gets the exact gradient), embeddings, biases and normalisation. Beside it, the same
+ratio in AdamW's metric: each coordinate's variance divided by ``(sqrt(v_hat) + eps)^2`` from the
+exact run's optimizer, as it reaches the update. The controller bounds the plain sum; if sampling
+put its variance on coordinates with small second moments, AdamW would amplify it there.
 
 Dropout draws the same masks for the exact gradient and for each of its sampled draws, so only
 the sampling differs. ``--sync-free`` checks the sync-free path (the GPU's) on the CPU.
@@ -45,8 +48,9 @@ from vcas_lab.train import endless_batches
 DETECTED_ON_AVERAGE, DETECTED_95 = 2.0, 2.0 + 1.645
 
 
-def trained(task_name: str, steps: int) -> tuple[Task, nn.Module, Iterator[dict]]:
-    """The task's model after ``steps`` exact AdamW steps (seed 0), and the batch stream after them."""
+def trained(task_name: str, steps: int) -> tuple[Task, nn.Module, Iterator[dict], torch.optim.AdamW]:
+    """The task's model after ``steps`` exact AdamW steps (seed 0), the batch stream after them,
+    and the optimizer."""
     task = builtin_task(task_name)
     torch.manual_seed(0)
     model = task.build_model().train()
@@ -57,7 +61,24 @@ def trained(task_name: str, steps: int) -> tuple[Task, nn.Module, Iterator[dict]
         losses.mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-    return task, model, batches
+    return task, model, batches, optimizer
+
+
+def adam_scales(model: nn.Module, optimizer: torch.optim.AdamW) -> torch.Tensor:
+    """Per flat coordinate, ``1 / (sqrt(v_hat) + eps)^2``: what AdamW multiplies a gradient
+    coordinate's variance by in its update (before the learning rate), from the optimizer's
+    bias-corrected second moments (zero where a parameter has none yet)."""
+    scales = []
+    for parameter in model.parameters():
+        state = optimizer.state.get(parameter, {})
+        if "exp_avg_sq" not in state:
+            scales.append(torch.zeros(parameter.numel(), dtype=torch.float64))
+            continue
+        group = next(g for g in optimizer.param_groups if any(p is parameter for p in g["params"]))
+        beta2, eps = group["betas"][1], group["eps"]
+        v_hat = state["exp_avg_sq"].double().flatten() / (1 - beta2 ** float(state["step"]))
+        scales.append((v_hat.sqrt() + eps).pow(-2))
+    return torch.cat(scales)
 
 
 def sampled_copy(task: Task, model: nn.Module, act: float, seed: int,
@@ -130,7 +151,7 @@ def half_products(task: Task, model: nn.Module, sampled: nn.Module, batch: dict,
 
 
 def bias(args: argparse.Namespace) -> None:
-    task, model, batches = trained(args.task, args.steps)
+    task, model, batches, _ = trained(args.task, args.steps)
     found: dict[str, list[float]] = {}
     signal: list[float] = []  # ||g||^2 over the noise level, per batch
     for trial in range(args.trials):
@@ -157,11 +178,15 @@ def bias(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------ groups
 def added_variance(args: argparse.Namespace) -> None:
-    task, model, batches = trained(args.task, args.steps)
+    task, model, batches, optimizer = trained(args.task, args.steps)
+    scales = adam_scales(model, optimizer)
     sampled, controller = sampled_copy(task, model, args.act, 0, args.sync_free)
     groups = parameter_groups(sampled, controller)
     sgd: dict[str, list[float]] = {group: [] for group in groups}
     added: dict[str, list[float]] = {group: [] for group in groups}
+    # The same in AdamW's metric: each coordinate's variance as it reaches the update.
+    sgd_adam: dict[str, list[float]] = {group: [] for group in groups}
+    added_adam: dict[str, list[float]] = {group: [] for group in groups}
     for pair in range(args.batches // 2):
         exact, squares = [], None
         for side in range(2):
@@ -176,13 +201,19 @@ def added_variance(args: argparse.Namespace) -> None:
         for group, index in groups.items():
             sgd[group].append(float(between[index].sum()))
             added[group].append(float(squares[index].sum()) / (2 * args.draws))
+            sgd_adam[group].append(float((between[index] * scales[index]).sum()))
+            added_adam[group].append(float((squares[index] * scales[index]).sum()) / (2 * args.draws))
     print(f"{args.task}, {args.steps} exact steps, activation keep ratio {args.act}, "
           f"{args.batches} batches x {args.draws} draws{', sync-free' if args.sync_free else ''}")
     for group in groups:
-        ratio, error = ratio_of_sums(added[group], sgd[group])
-        shown = f"{ratio:.4f} +- {error:.4f}" if math.isfinite(ratio) else "-"
         print(f"{group:15s} V_sgd {statistics.fmean(sgd[group]):.3e}  V_added {statistics.fmean(added[group]):.3e}  "
-              f"V_added / V_sgd {shown}")
+              f"V_added / V_sgd {_ratio(added[group], sgd[group])}  "
+              f"in AdamW's metric {_ratio(added_adam[group], sgd_adam[group])}")
+
+
+def _ratio(numerators: list[float], denominators: list[float]) -> str:
+    ratio, error = ratio_of_sums(numerators, denominators)
+    return f"{ratio:.4f} +- {error:.4f}" if math.isfinite(ratio) else "-"
 
 
 # ------------------------------------------------------------------------------------ command line

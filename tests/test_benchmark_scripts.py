@@ -8,6 +8,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -26,6 +27,11 @@ def _run(script: str, *args: str) -> str:
 def test_paired_steps_prints_each_variant():
     printed = _run("paired_steps.py", "mnist-vit", "5", "1,0.2")
     assert re.search(r"1,0.2 +median step +[\d.]+ ms, median ratio to exact [\d.]+", printed)
+    phases = re.search(r"1,0.2 +forward ([\d.]+), backward ([\d.]+), optimizer ([\d.]+); backward FLOPs ([\d.]+)",
+                       printed)
+    assert phases is not None
+    assert 0.0 < float(phases.group(4)) < 1.0  # the weight gradients were sampled
+    assert re.search(r"exact +forward 1.000, backward 1.000, optimizer 1.000; backward FLOPs 1.000", printed)
 
 
 @needs_mnist
@@ -150,7 +156,25 @@ def test_gradient_checks_print_every_group_for_bias_and_added_variance():
     assert set(rows) >= {"measured", "other linear", "embeddings", "normalisation", "biases", "all"}
     assert float(rows["other linear"]) == 0.0  # the classifier: exact gradient on every draw
     assert float(rows["measured"]) > 0.0
-    assert re.search(r"measured +V_sgd \S+  V_added \S+  V_added / V_sgd [\d.]+ \+- [\d.]+", printed)
+    assert re.search(r"measured +V_sgd \S+  V_added \S+  V_added / V_sgd [\d.]+ \+- [\d.]+  "
+                     r"in AdamW's metric [\d.]+ \+- [\d.]+", printed)
+
+
+def test_adam_scales_are_what_adamw_divides_a_coordinate_by():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from gradient_checks import adam_scales
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    model = torch.nn.Linear(3, 2)
+    unused = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([*model.parameters(), unused], lr=0.1, eps=1e-3)
+    model(torch.randn(5, 3)).pow(2).sum().backward()
+    gradient = torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+    optimizer.step()  # after one step the bias-corrected second moment is g^2
+    scales = adam_scales(torch.nn.ParameterList([*model.parameters(), unused]), optimizer)
+    assert torch.allclose(scales[:8], (gradient.abs() + 1e-3).pow(-2))
+    assert torch.equal(scales[8:], torch.zeros(4, dtype=torch.float64))  # no state: no update
 
 
 def test_gradient_checks_refuse_settings_that_test_nothing():
