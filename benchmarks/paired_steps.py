@@ -14,6 +14,7 @@ settings are the defaults.
 """
 
 import copy
+import itertools
 import statistics
 import sys
 import time
@@ -55,7 +56,7 @@ def main(task_name: str, steps: int, variants: list[str]) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             marks.append(time.perf_counter())
-            for phase, took in zip(PHASES, [marks[-1] - marks[0], *(b - a for a, b in zip(marks, marks[1:]))]):
+            for phase, took in zip(PHASES, [marks[-1] - marks[0], *(b - a for a, b in itertools.pairwise(marks))]):
                 times[variant][phase].append(took)
     for variant, measured in times.items():
         ratios = _median_ratios(measured["step"], times["exact"]["step"])
