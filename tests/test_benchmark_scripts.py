@@ -69,6 +69,36 @@ def test_conversion_reads_a_report_and_computes_the_share_that_reached_the_clock
     assert again.returncode != 0 and "seed(s) [0] already come from" in again.stderr
 
 
+def test_quality_spread_finds_exact_in_another_report_and_pools_settings(tmp_path):
+    def run(method, seed, loss, held_out, accuracy):
+        return {"method": method, "seed": seed, "final_train_loss": loss, "eval_eval_loss": held_out,
+                "metric": accuracy}
+
+    def report(name, runs, tau_act):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(
+            {"task": "toy", "metric": "accuracy", "settings": {"steps": 10, "vcas": {"tau_act": tau_act, "seed": 0}},
+             "runs": runs}))
+        return str(tmp_path / name)
+
+    with_exact = report("defaults", [run("exact", 0, 0.5, 0.4, 0.90), run("vcas", 0, 0.55, 0.5, 0.88),
+                                     run("exact", 1, 0.4, 0.5, 0.80), run("vcas", 1, 0.5, 0.45, 0.81)], 0.025)
+    without = report("control", [run("vcas", 0, 0.5, 0.36, 0.91)], 1e-6)
+    printed = _run("quality_spread.py", with_exact, without)
+    assert f"| {with_exact} | toy | vcas | 0 | +10.0 % | +25.0 % | -2.00 points |" in printed
+    assert f"| {with_exact} | toy | vcas | 1 | +25.0 % | -10.0 % | +1.00 points |" in printed
+    assert f"| {without} | toy | vcas | 0 | +0.0 % | -10.0 % | +1.00 points |" in printed  # exact from the other
+    # train loss +10 and +25: mean +17.5, sd 10.61; the control alone, by its settings
+    assert "final train loss % +17.50 +- 10.61 (sd)" in printed
+    assert f"toy vcas ({without}), 1 seed, mean +- sd: final train loss % +0.00 (one seed)" in printed
+
+    # Two exact runs of one seed that disagree are refused.
+    report("other", [run("exact", 0, 0.6, 0.4, 0.90)], 0.025)
+    clash = subprocess.run([sys.executable, str(BENCHMARKS / "quality_spread.py"), with_exact,
+                            str(tmp_path / "other")], capture_output=True, text=True, timeout=600)
+    assert clash.returncode != 0 and "exact runs of one seed must agree" in clash.stderr
+
+
 def test_time_budget_pairs_the_steps_and_splits_calibration_from_sampled_backwards(tmp_path):
     columns = "method,seed,step,calibrating,act_ratio,weight_ratio,forward_seconds,backward_seconds," \
               "optimizer_seconds,controller_seconds,loss"
