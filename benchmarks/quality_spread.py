@@ -94,7 +94,8 @@ def main(folders: list[str]) -> None:
         spreads = [f"{label} {_spread([p[key] for p in pooled if p[key] is not None])}"
                    for key, label in (("loss", "final train loss %"), ("held_out", "held-out loss %"),
                                       ("metric", f"{metric}{' points' if metric == 'accuracy' else ''}"))]
-        print(f"{task} {method} ({', '.join(sources)}), {len(pooled)} seed{'s' if len(pooled) != 1 else ''}, mean +- sd: " + "; ".join(spreads))
+        seeds = f"{len(pooled)} seed{'s' if len(pooled) != 1 else ''}"
+        print(f"{task} {method} ({', '.join(sources)}), {seeds}, mean +- sd: " + "; ".join(spreads))
 
 
 if __name__ == "__main__":
