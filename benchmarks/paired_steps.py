@@ -10,7 +10,8 @@ to the exact step (forward, backward and optimizer step); then the same per phas
 backward's FLOPs against an exact backward that skips zero rows (what sampling saved; 1 for
 exact) beside its time ratio: where time follows FLOPs, the two agree. ``set_ratios`` applies
 the ratios as given (``min_weight_numel`` limits only the controllers); other ``VCASConfig``
-settings are the defaults.
+settings are the defaults. The built-in tasks train on the CPU here, where a phase ends when its
+call returns (on a GPU the phases would need a synchronisation each).
 """
 
 import copy

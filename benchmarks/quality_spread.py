@@ -70,6 +70,7 @@ def main(folders: list[str]) -> None:
     print("| report | task | method | seed | final train loss vs exact | held-out loss vs exact | metric vs exact |")
     print("|---|---|---|---|---|---|---|")
     pools: dict[tuple[str, str, str], tuple[str, list[str], list[dict]]] = {}
+    seeds: dict[tuple[str, str, str], dict[int, str]] = {}  # where each pooled seed came from
     for folder, report in reports:
         metric = report["metric"]
         unit = "points" if metric == "accuracy" else ""
@@ -86,6 +87,10 @@ def main(folders: list[str]) -> None:
                   f"| {held_out} | {found['metric']:+.2f} {unit} |")
             key = (report["task"], run["method"], settings_key(report))
             _, sources, pooled = pools.setdefault(key, (metric, [], []))
+            if run["seed"] in seeds.setdefault(key, {}):
+                sys.exit(f"{folder}: {report['task']} {run['method']} seed {run['seed']} already comes from "
+                         f"{seeds[key][run['seed']]}; give each seed once")
+            seeds[key][run["seed"]] = folder
             if folder not in sources:
                 sources.append(folder)
             pooled.append(found)
