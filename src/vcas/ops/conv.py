@@ -131,7 +131,7 @@ def sampled_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     def graph(recorded: torch.Tensor | None = None) -> torch.Tensor:
         # In a compact re-run every sample is a kept one: the sync-free path reserves room for all.
-        every_sample_kept = replay is not None and replay.compact  # type: ignore[attr-defined]
+        every_sample_kept = site.runtime.in_compact_rerun
         with torch.autocast(input.device.type, enabled=False):
             return _SampledConvFunction.apply(input, weight, bias, geometry, site, recorded, every_sample_kept)
 

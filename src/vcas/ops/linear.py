@@ -97,7 +97,7 @@ class LinearSite:
             shape = x.shape[:-1] + (self.out_features,)
             return replay.layer_output(  # type: ignore[attr-defined]
                 lambda: self.original_forward(x), lambda out: flops, x.shape[0] if x.dim() else 1,
-                shape, lambda recorded: self.sampled(x, recorded, every_sample_kept=replay.compact))  # type: ignore[attr-defined]
+                shape, lambda recorded: self.sampled(x, recorded, every_sample_kept=runtime.in_compact_rerun))
         if not torch.is_grad_enabled():
             return self.original_forward(x)
         return self.sampled(x)

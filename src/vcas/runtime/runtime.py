@@ -122,6 +122,11 @@ class Runtime:
         """Whether ops on ``device`` take the sync-free path."""
         return device.type == "cuda" if self.sync_free is None else self.sync_free
 
+    @property
+    def in_compact_rerun(self) -> bool:
+        """Whether the ops run inside a compact re-run, whose inputs hold only kept samples."""
+        return self.replay is not None and bool(self.replay.compact)  # type: ignore[attr-defined]
+
     def reserved_samples(self, block: str | None, samples: int, every_sample_kept: bool = False) -> int:
         """How many of ``samples`` the sync-free path reserves room for at a sampled layer in
         ``block``: every one outside the blocks, without activation sampling, or when the input
