@@ -729,6 +729,57 @@ def test_the_share_solve_tries_the_constraints_in_order_and_stops_at_the_first_b
     assert prediction.smallest_share(ShareSchedule([]), constraints) == 1.0
 
 
+class _Threshold:
+    """A constraint that holds from share ``at`` up (it reads the share from the ratio of a
+    one-block schedule of 1024 equal norms: on the search's grid, the share itself), counting
+    its trials."""
+
+    def __init__(self, at: float) -> None:
+        self.at, self.trials = at, 0
+
+    def __call__(self, ratios):
+        self.trials += 1
+        return 0.0 if ratios[0] >= self.at else 1.0
+
+
+@pytest.mark.parametrize("answer", [0.0, 2 / 1024, 0.3, 0.5, 0.8125, 1023 / 1024, 1.0])
+def test_the_share_search_started_near_an_answer_finds_the_cold_searchs_point(answer):
+    """Started anywhere, the search returns the cold bisection's grid point for a constraint
+    that loosens with s; within 2 ** -NEAR_BITS of the answer it needs about half the trials."""
+    schedule = ShareSchedule([[torch.ones(1024)]])
+    assert schedule(371 / 1024) == [371 / 1024]
+    cold = _Threshold(answer)
+    expected = prediction.smallest_share(schedule, [(cold, 0.5)])
+    assert expected == math.ceil(answer * 1024) / 1024
+    for near in (0.0, answer - 0.05, answer - 0.004, answer, answer + 0.004, answer + 0.05, 1.0):
+        warm = _Threshold(answer)
+        assert prediction.smallest_share(schedule, [(warm, 0.5)], near=min(1.0, max(0.0, near))) == expected
+        if abs(near - answer) <= 2 ** -prediction.NEAR_BITS and 0 < answer < 1:
+            assert warm.trials <= 7 < cold.trials
+
+
+def test_the_share_search_started_near_the_last_answer_agrees_on_real_pools():
+    """On simulated pools (not exactly monotone in s: Monte Carlo), the warm search lands
+    within a grid step or two of the cold one, and with fewer trials."""
+    pool = [(0.8 ** (2 - age), _synthetic_stats(seed, noise=1.0)) for age, seed in enumerate((11, 12, 13))]
+    budget = TAU * sum(prediction.pooled_sgd_variances(pool).values())
+    schedule = ShareSchedule(prediction.pooled_block_norms(pool))
+    trials = []
+
+    def counted(ratios):
+        trials.append(ratios)
+        return evaluate(ratios)
+
+    evaluate = prediction.PooledActVariance(pool, ABOVE)
+    cold = prediction.smallest_share(schedule, [(counted, budget)])
+    cold_trials = len(trials)
+    assert 0 < cold < 1
+    for near in (cold - 0.01, cold, cold + 0.01):
+        trials.clear()
+        warm = prediction.smallest_share(schedule, [(counted, budget)], near=near)
+        assert abs(warm - cold) <= 2 / 1024 and len(trials) < cold_trials
+
+
 def test_auto_picks_adaptive_where_its_assumptions_hold_and_paper_elsewhere():
     ctl = vcas.attach(TinyTransformer(depth=2), vcas.VCASConfig(seed=0))
     assert (ctl.config.controller, ctl.config.update_every) == ("adaptive", 10)

@@ -145,7 +145,9 @@ class AdaptivePolicy:
         newest_act, pooled_act = constraints[0][0], constraints[-1][0]
         surprised = newest_act(mechanism.ratios.act_list) > SURPRISE * config.tau_act * sum(newest_sgd.values())
         schedule = ShareSchedule(prediction.pooled_block_norms(pool), mechanism.dense_above)
-        target = prediction.smallest_share(schedule, constraints)
+        # After the first decision the answer moves little between calibrations: search near s.
+        near = previous_s if len(memory.history) > 1 else None
+        target = prediction.smallest_share(schedule, constraints, near=near)
         self.s = target if len(memory.history) == 1 else memory.move(previous_s, target)
         act = schedule(self.s)
         solved = self._weight_ratios(parts, mechanism)

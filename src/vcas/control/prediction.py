@@ -293,28 +293,65 @@ def solve_share(pool: Pool, above: Sequence[int | None], budget: float, iteratio
     return smallest_share(ShareSchedule(pooled_block_norms(pool), dense_above), constraints, iterations)
 
 
-def smallest_share(schedule: ShareSchedule, constraints: Sequence[Constraint], iterations: int = 10) -> float:
+def smallest_share(schedule: ShareSchedule, constraints: Sequence[Constraint], iterations: int = 10,
+                   near: float | None = None) -> float:
     """The smallest s in [0, 1] (to ``2 ** -iterations``) whose ratios ``schedule(s)`` meet every
     constraint (1 when the schedule has no batch of norms). Each constraint only loosens as s
     grows, so bisection finds it; the constraints are tried in the order given and the first
-    one broken ends a trial (put the cheap first)."""
+    one broken ends a trial (put the cheap first).
+
+    Without ``near`` the search tries s = 0, then bisects [0, 1]. With ``near`` (where the
+    answer was last time) it starts there and widens a bracket by doubling steps from
+    ``2 ** -NEAR_BITS`` before it bisects: the same point of the ``2 ** -iterations`` grid when
+    the constraints loosen with s, in about half the trials when the answer moved little (each
+    trial simulates the samplers over the whole pool)."""
     if not schedule.n_batches:
         return 1.0
+    grid = 2 ** iterations
 
-    def within(share: float) -> bool:
-        ratios = schedule(share)
+    def within(point: int) -> bool:
+        ratios = schedule(point / grid)
         return all(act_variance(ratios) <= limit for act_variance, limit in constraints)
 
-    if within(0.0):
-        return 0.0
-    low, high = 0.0, 1.0  # within(high) holds at s = 1 (nothing sampled)
-    for _ in range(iterations):
-        middle = (low + high) / 2
+    if near is None:
+        start, step = 0, grid
+    else:
+        start, step = min(grid, max(0, round(near * grid))), max(1, grid >> NEAR_BITS)
+    low, high = _bracket(within, start, step, grid)
+    while high - low > 1:  # within(low) is broken (or low = -1), within(high) holds (or high = grid)
+        middle = (low + high) // 2
         if within(middle):
             high = middle
         else:
             low = middle
-    return high
+    return high / grid
+
+
+# A warm-started share search first looks 2 ** -NEAR_BITS either side of the last answer.
+NEAR_BITS = 6
+
+
+def _bracket(within: Callable[[int], bool], start: int, step: int, grid: int) -> tuple[int, int]:
+    """Grid points ``(low, high)`` around the smallest point that is within: from ``start``,
+    steps that double, down while the point holds and up while it is broken. ``low = -1`` stands
+    for "below 0"; ``high = grid`` (s = 1, nothing sampled) holds without a trial."""
+    if start >= grid or within(start):
+        high = start
+        while True:
+            low = high - step
+            if low < 0:
+                return -1, high
+            if not within(low):
+                return low, high
+            high, step = low, 2 * step
+    low = start
+    while True:
+        high = low + step
+        if high >= grid:
+            return low, grid
+        if within(high):
+            return low, high
+        low, step = high, 2 * step
 
 
 def weight_variance(scores: Sequence[tuple[float, torch.Tensor]], ratio: float) -> float:
