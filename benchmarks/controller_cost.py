@@ -2,8 +2,10 @@
 call that updated the ratios (the solve of s and every nu from the calibration step's records),
 over a short run of a built-in task at the defaults, seed 0.
 
-The decisions depend only on the seed, so two checkouts of the library make the same decisions
-on the same records: run this script against each, in turn, to compare what they cost.
+The decisions depend only on the seed and the library, so run this script against two checkouts
+in turn to compare what their decisions cost: the totals compare the same work while the two
+make the same decisions (the final s printed shows whether they ended alike; a change to the
+solve can move a decision by a grid point and the runs apart from there).
 
     python3 benchmarks/controller_cost.py [TASK] [STEPS]    (default mnist-vit, 60)
 """

@@ -759,8 +759,8 @@ def test_the_share_search_started_near_an_answer_finds_the_cold_searchs_point(an
 
 
 def test_the_share_search_started_near_the_last_answer_agrees_on_real_pools():
-    """On simulated pools (not exactly monotone in s: Monte Carlo), the warm search lands
-    within a grid step or two of the cold one, and with fewer trials."""
+    """On a simulated pool (not exactly monotone in s: Monte Carlo), the warm search lands
+    within two grid steps of the cold one here, and with fewer trials."""
     pool = [(0.8 ** (2 - age), _synthetic_stats(seed, noise=1.0)) for age, seed in enumerate((11, 12, 13))]
     budget = TAU * sum(prediction.pooled_sgd_variances(pool).values())
     schedule = ShareSchedule(prediction.pooled_block_norms(pool))

@@ -145,7 +145,8 @@ class AdaptivePolicy:
         newest_act, pooled_act = constraints[0][0], constraints[-1][0]
         surprised = newest_act(mechanism.ratios.act_list) > SURPRISE * config.tau_act * sum(newest_sgd.values())
         schedule = ShareSchedule(prediction.pooled_block_norms(pool), mechanism.dense_above)
-        # After the first decision the answer moves little between calibrations: search near s.
+        # After the first decision the answer moves little between calibrations: search near the
+        # share in force.
         near = previous_s if len(memory.history) > 1 else None
         target = prediction.smallest_share(schedule, constraints, near=near)
         self.s = target if len(memory.history) == 1 else memory.move(previous_s, target)
