@@ -47,6 +47,17 @@ def settings_key(report: dict) -> str:
     return json.dumps(settings, sort_keys=True)
 
 
+def claim_seeds(claimed: dict[int, str], seeds: list[int], folder: str, label: str) -> None:
+    """Note that ``seeds`` of one pool (``label``: task and method) come from ``folder``; exit if
+    one of them already came from a folder given before (the same folder twice, or runs that
+    overlap), so no seed counts twice in a pool's statistics."""
+    repeated = sorted(seed for seed in seeds if seed in claimed)
+    if repeated:
+        sources = ", ".join(dict.fromkeys(claimed[seed] for seed in repeated))
+        sys.exit(f"{folder}: {label} seed(s) {repeated} already come from {sources}; give each seed once")
+    claimed.update(dict.fromkeys(seeds, folder))
+
+
 def _pair(value: float | None, exact: float | None) -> str:
     return "-" if value is None or exact is None else f"{value:.4f} ({exact:.4f})"
 
@@ -78,6 +89,7 @@ def main(folders: list[str]) -> None:
     # The runs of one task and method from reports with the same settings pool; a seed twice
     # (the same folder given twice, or overlapping runs) is refused.
     pools: dict[tuple[str, str, str], tuple[str, list[str], list[dict]]] = {}
+    claimed: dict[tuple[str, str, str], dict[int, str]] = {}  # where each pooled seed came from
     for folder in folders:
         report = json.loads((Path(folder) / "report.json").read_text())
         if not report.get("lockstep"):
@@ -89,10 +101,8 @@ def main(folders: list[str]) -> None:
             key = (report["task"], method, settings_key(report))
             metric, sources, pooled = pools.setdefault(key, (report["metric"], [], []))
             runs = [r for r in found if r["method"] == method]
-            repeated = {r["seed"] for r in pooled} & {r["seed"] for r in runs}
-            if repeated:
-                sys.exit(f"{folder}: {report['task']} {method} seed(s) {sorted(repeated)} already come "
-                         f"from {', '.join(sources)}; give each seed once")
+            claim_seeds(claimed.setdefault(key, {}), [r["seed"] for r in runs], folder,
+                        f"{report['task']} {method}")
             sources.append(folder)
             pooled.extend(runs)
     print()

@@ -22,7 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from conversion import settings_key
+from conversion import claim_seeds, settings_key
 
 
 def exact_key(report: dict, seed: int) -> str:
@@ -70,7 +70,7 @@ def main(folders: list[str]) -> None:
     print("| report | task | method | seed | final train loss vs exact | held-out loss vs exact | metric vs exact |")
     print("|---|---|---|---|---|---|---|")
     pools: dict[tuple[str, str, str], tuple[str, list[str], list[dict]]] = {}
-    seeds: dict[tuple[str, str, str], dict[int, str]] = {}  # where each pooled seed came from
+    claimed: dict[tuple[str, str, str], dict[int, str]] = {}  # where each pooled seed came from
     for folder, report in reports:
         metric = report["metric"]
         unit = "points" if metric == "accuracy" else ""
@@ -87,10 +87,7 @@ def main(folders: list[str]) -> None:
                   f"| {held_out} | {found['metric']:+.2f} {unit} |")
             key = (report["task"], run["method"], settings_key(report))
             _, sources, pooled = pools.setdefault(key, (metric, [], []))
-            if run["seed"] in seeds.setdefault(key, {}):
-                sys.exit(f"{folder}: {report['task']} {run['method']} seed {run['seed']} already comes from "
-                         f"{seeds[key][run['seed']]}; give each seed once")
-            seeds[key][run["seed"]] = folder
+            claim_seeds(claimed.setdefault(key, {}), [run["seed"]], folder, f"{report['task']} {run['method']}")
             if folder not in sources:
                 sources.append(folder)
             pooled.append(found)

@@ -95,7 +95,7 @@ def test_quality_spread_finds_exact_in_another_report_and_pools_settings(tmp_pat
     # The same seed twice (the same folder given twice) is refused, not counted twice.
     again = subprocess.run([sys.executable, str(BENCHMARKS / "quality_spread.py"), with_exact, with_exact],
                            capture_output=True, text=True, timeout=600)
-    assert again.returncode != 0 and "seed 0 already comes from" in again.stderr
+    assert again.returncode != 0 and "seed(s) [0] already come from" in again.stderr
 
     # Two exact runs of one seed that disagree are refused.
     report("other", [run("exact", 0, 0.6, 0.4, 0.90)], 0.025)
