@@ -63,7 +63,8 @@ def _pair(value: float | None, exact: float | None) -> str:
 
 
 def quality(found: list[dict], metric: str) -> str:
-    """The runs' mean losses and metric against exact's, with the issue's targets."""
+    """The runs' mean losses and metric against exact's, each against its target (losses at most
+    10 % above exact's, accuracy at most 1 point below)."""
     def change(key: str) -> str:
         pairs = [(r[key], r[f"exact_{key}"]) for r in found if r[key] is not None and r[f"exact_{key}"] is not None]
         if not pairs:

@@ -68,13 +68,14 @@ def adam_scales(model: nn.Module, optimizer: torch.optim.AdamW) -> torch.Tensor:
     """Per flat coordinate, ``1 / (sqrt(v_hat) + eps)^2``: what AdamW multiplies a gradient
     coordinate's variance by in its update (before the learning rate), from the optimizer's
     bias-corrected second moments (zero where a parameter has none yet)."""
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     scales = []
     for parameter in model.parameters():
         state = optimizer.state.get(parameter, {})
         if "exp_avg_sq" not in state:
             scales.append(torch.zeros(parameter.numel(), dtype=torch.float64))
             continue
-        group = next(g for g in optimizer.param_groups if any(p is parameter for p in g["params"]))
+        group = groups[id(parameter)]
         beta2, eps = group["betas"][1], group["eps"]
         v_hat = state["exp_avg_sq"].double().flatten() / (1 - beta2 ** float(state["step"]))
         scales.append((v_hat.sqrt() + eps).pow(-2))
